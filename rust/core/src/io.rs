@@ -1,0 +1,474 @@
+//! Readers that cut inputs into chunks of records, and atomic writers.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
+use flate2::read::MultiGzDecoder;
+use flate2::write::GzEncoder;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+use serde_json::value::RawValue;
+
+use crate::arrow_out::{conform, merged_schema};
+use crate::error::{Loc, Problem, PrepError, RecordError, Result};
+use crate::model::Group;
+use crate::value::Value;
+
+/// A unit of work for one thread.
+pub enum Chunk {
+    /// Complete JSONL lines.
+    Lines { buf: Vec<u8>, first_line: u64 },
+    /// Elements of a JSON array file, as byte spans of a shared buffer.
+    Elements { buf: Arc<Vec<u8>>, spans: Vec<(usize, usize)>, first_index: u64 },
+    /// Rows of a Parquet file or an Arrow stream.
+    Batch { batch: RecordBatch, first_row: u64 },
+    /// A batch with its columns cast to the reading types (see `prepare`).
+    Columns { columns: Vec<(String, arrow_array::ArrayRef)>, first_row: u64 },
+    /// Groups already normalised (second pass of group-by-prompt).
+    Groups { groups: Vec<Group<'static>>, first_index: u64 },
+}
+
+impl Chunk {
+    /// Cast Arrow columns once per chunk so that rows can borrow from them.
+    pub fn prepare(self) -> std::result::Result<Chunk, String> {
+        match self {
+            Chunk::Batch { batch, first_row } => {
+                Ok(Chunk::Columns { columns: crate::arrow_in::prepare_batch(&batch)?, first_row })
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// Call `f` with each record and its location.
+    pub fn for_each_record<'s>(
+        &'s self,
+        mut f: impl FnMut(Loc, std::result::Result<Value<'s>, RecordError>) -> Result<()>,
+    ) -> Result<()> {
+        match self {
+            Chunk::Lines { buf, first_line } => {
+                let mut line_no = *first_line;
+                for line in buf.split(|&b| b == b'\n') {
+                    let loc = Loc::Line(line_no);
+                    line_no += 1;
+                    let line = line.strip_suffix(b"\r").unwrap_or(line);
+                    if line.iter().all(u8::is_ascii_whitespace) {
+                        continue;
+                    }
+                    f(loc, parse_json(line))?;
+                }
+                Ok(())
+            }
+            Chunk::Elements { buf, spans, first_index } => {
+                for (i, &(a, b)) in spans.iter().enumerate() {
+                    f(Loc::Record(first_index + i as u64), parse_json(&buf[a..b]))?;
+                }
+                Ok(())
+            }
+            Chunk::Columns { columns, first_row } => {
+                for (i, row) in crate::arrow_in::rows(columns).enumerate() {
+                    f(Loc::Row(first_row + i as u64), Ok(row))?;
+                }
+                Ok(())
+            }
+            Chunk::Batch { .. } => Err(PrepError::Config("internal: Arrow chunk read before prepare()".into())),
+            Chunk::Groups { .. } => Ok(()),
+        }
+    }
+}
+
+fn parse_json(bytes: &[u8]) -> std::result::Result<Value<'_>, RecordError> {
+    serde_json::from_slice::<Value>(bytes).map_err(|e| {
+        let col = e.column();
+        let near = bytes.get(col.saturating_sub(1)..).unwrap_or_default();
+        let message = if near.starts_with(b"NaN") || near.starts_with(b"Infinity") || near.starts_with(b"-Infinity") {
+            format!("malformed JSON at column {col}: NaN and Infinity are not JSON; write null or a finite number")
+        } else {
+            let msg = e.to_string();
+            let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+            format!("malformed JSON at column {col}: {msg}")
+        };
+        RecordError::new(Problem::MalformedJson, None, message)
+    })
+}
+
+/// A reader that counts the bytes it has handed out (for progress).
+struct Counting<R> {
+    inner: R,
+    count: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    Jsonl,
+    JsonArray,
+    Parquet,
+}
+
+/// Open a file, undoing gzip if its magic bytes say so, and tell what it holds.
+fn open_text(path: &Path, count: Arc<AtomicU64>) -> Result<(Box<dyn Read + Send>, bool)> {
+    let mut file = File::open(path).map_err(|e| PrepError::io(path, e))?;
+    let mut magic = [0u8; 2];
+    let n = file.read(&mut magic).map_err(|e| PrepError::io(path, e))?;
+    drop(file);
+    let file = File::open(path).map_err(|e| PrepError::io(path, e))?;
+    let counted = Counting { inner: file, count };
+    if n == 2 && magic == [0x1f, 0x8b] {
+        Ok((Box::new(MultiGzDecoder::new(std::io::BufReader::with_capacity(1 << 20, counted))), true))
+    } else {
+        Ok((Box::new(counted), false))
+    }
+}
+
+pub fn sniff(path: &Path) -> Result<FileKind> {
+    let mut file = File::open(path).map_err(|e| PrepError::io(path, e))?;
+    let mut head = [0u8; 4];
+    let n = file.read(&mut head).map_err(|e| PrepError::io(path, e))?;
+    if n == 4 && &head == b"PAR1" {
+        return Ok(FileKind::Parquet);
+    }
+    let (mut reader, _) = open_text(path, Arc::new(AtomicU64::new(0)))?;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = reader.read(&mut buf).map_err(|e| PrepError::io(path, e))?;
+        if n == 0 {
+            return Ok(FileKind::Jsonl);
+        }
+        if let Some(&b) = buf[..n].iter().find(|b| !b.is_ascii_whitespace()) {
+            return Ok(if b == b'[' { FileKind::JsonArray } else { FileKind::Jsonl });
+        }
+    }
+}
+
+pub type ChunkIter = Box<dyn Iterator<Item = Result<Chunk>> + Send>;
+
+/// Chunks of a file, with the number of source bytes read so far in `progress`.
+pub fn read_file(path: &Path, chunk_bytes: usize, batch_rows: usize, progress: Arc<AtomicU64>) -> Result<ChunkIter> {
+    match sniff(path)? {
+        FileKind::Parquet => {
+            let file = File::open(path).map_err(|e| PrepError::io(path, e))?;
+            let name = path.display().to_string();
+            let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+                .and_then(|b| b.with_batch_size(batch_rows).build())
+                .map_err(|e| PrepError::Parquet { path: name.clone(), message: e.to_string() })?;
+            let mut first_row = 0u64;
+            Ok(Box::new(reader.map(move |b| {
+                let batch = b.map_err(|e| PrepError::Parquet { path: name.clone(), message: e.to_string() })?;
+                let chunk = Chunk::Batch { first_row, batch };
+                if let Chunk::Batch { batch, .. } = &chunk {
+                    first_row += batch.num_rows() as u64;
+                    progress.store(first_row, Ordering::Relaxed);
+                }
+                Ok(chunk)
+            })))
+        }
+        FileKind::JsonArray => {
+            let (mut reader, _) = open_text(path, progress)?;
+            let mut buf = Vec::new();
+            reader.read_to_end(&mut buf).map_err(|e| PrepError::io(path, e))?;
+            let spans = {
+                let elements: Vec<&RawValue> = serde_json::from_slice(&buf).map_err(|e| PrepError::Record {
+                    source: path.display().to_string(),
+                    error: RecordError::new(
+                        Problem::MalformedJson,
+                        None,
+                        format!("malformed JSON array at column {}: {}", e.column(), e.to_string().split(" at line ").next().unwrap_or("")),
+                    )
+                    .at(Loc::Line(e.line() as u64)),
+                })?;
+                let base = buf.as_ptr() as usize;
+                elements
+                    .iter()
+                    .map(|r| {
+                        let start = r.get().as_ptr() as usize - base;
+                        (start, start + r.get().len())
+                    })
+                    .collect::<Vec<_>>()
+            };
+            let buf = Arc::new(buf);
+            let per_chunk = 2048usize;
+            let chunks: Vec<Result<Chunk>> = spans
+                .chunks(per_chunk)
+                .enumerate()
+                .map(|(i, s)| {
+                    Ok(Chunk::Elements { buf: buf.clone(), spans: s.to_vec(), first_index: (i * per_chunk) as u64 })
+                })
+                .collect();
+            Ok(Box::new(chunks.into_iter()))
+        }
+        FileKind::Jsonl => {
+            let (reader, _) = open_text(path, progress)?;
+            Ok(Box::new(JsonlChunks { reader, path: path.to_path_buf(), carry: Vec::new(), next_line: 1, chunk_bytes, done: false }))
+        }
+    }
+}
+
+struct JsonlChunks {
+    reader: Box<dyn Read + Send>,
+    path: PathBuf,
+    carry: Vec<u8>,
+    next_line: u64,
+    chunk_bytes: usize,
+    done: bool,
+}
+
+impl Iterator for JsonlChunks {
+    type Item = Result<Chunk>;
+
+    fn next(&mut self) -> Option<Result<Chunk>> {
+        if self.done {
+            return None;
+        }
+        let mut buf = std::mem::take(&mut self.carry);
+        let target = self.chunk_bytes.max(1);
+        loop {
+            let start = buf.len();
+            buf.resize(start + target.max(64 * 1024), 0);
+            let n = match read_full(&mut self.reader, &mut buf[start..]) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(PrepError::Io {
+                        path: self.path.clone(),
+                        error: std::io::Error::new(e.kind(), format!("after line {}: {e}", self.next_line)),
+                    }));
+                }
+            };
+            buf.truncate(start + n);
+            if n == 0 {
+                self.done = true;
+                break;
+            }
+            // Cut after the last newline; a line longer than the chunk makes us read on.
+            if buf.len() >= target {
+                if let Some(pos) = memchr::memrchr(b'\n', &buf) {
+                    self.carry = buf[pos + 1..].to_vec();
+                    buf.truncate(pos + 1);
+                    break;
+                }
+            }
+        }
+        if buf.is_empty() {
+            return None;
+        }
+        let first_line = self.next_line;
+        self.next_line += memchr::memchr_iter(b'\n', &buf).count() as u64;
+        Some(Ok(Chunk::Lines { buf, first_line }))
+    }
+}
+
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Where the output goes.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// .jsonl, .jsonl.gz or .parquet, written to a temporary file and renamed at the end.
+    File(PathBuf),
+    /// Arrow record batches returned to the caller.
+    Memory,
+    /// Nothing is written (dry run); counts are still made.
+    Discard,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Jsonl,
+    Arrow,
+    None,
+}
+
+impl Output {
+    pub fn encoding(&self) -> Result<Encoding> {
+        match self {
+            Output::Discard => Ok(Encoding::None),
+            Output::Memory => Ok(Encoding::Arrow),
+            Output::File(p) => {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("").to_ascii_lowercase();
+                if name.ends_with(".parquet") || name.ends_with(".pq") {
+                    Ok(Encoding::Arrow)
+                } else if name.ends_with(".jsonl") || name.ends_with(".jsonl.gz") || name.ends_with(".ndjson") {
+                    Ok(Encoding::Jsonl)
+                } else {
+                    Err(PrepError::Config(format!(
+                        "{}: unknown output type; name it .jsonl, .jsonl.gz or .parquet",
+                        p.display()
+                    )))
+                }
+            }
+        }
+    }
+}
+
+/// Batches wait here until the schema is fixed from the first few (so a column that is all
+/// null in the first chunk still gets its real type).
+const SCHEMA_WINDOW: usize = 8;
+
+pub enum Sink {
+    Jsonl { tmp: tempfile::NamedTempFile, out: Box<dyn Write + Send>, dest: PathBuf },
+    Arrow { pending: Vec<(Loc, RecordBatch)>, schema: Option<SchemaRef>, target: ArrowTarget, source: String },
+    Discard,
+}
+
+pub enum ArrowTarget {
+    Parquet { tmp: tempfile::NamedTempFile, writer: Option<ArrowWriter<File>>, dest: PathBuf },
+    Memory(Vec<RecordBatch>),
+}
+
+fn temp_beside(dest: &Path) -> Result<tempfile::NamedTempFile> {
+    let dir = match dest.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        return Err(PrepError::Config(format!("{}: output directory does not exist", dir.display())));
+    }
+    let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("output");
+    tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".partial")
+        .tempfile_in(&dir)
+        .map_err(|e| PrepError::io(&dir, e))
+}
+
+impl Sink {
+    pub fn open(output: &Output, source: &str) -> Result<Sink> {
+        Ok(match (output, output.encoding()?) {
+            (Output::Discard, _) => Sink::Discard,
+            (Output::Memory, _) => Sink::Arrow {
+                pending: Vec::new(),
+                schema: None,
+                target: ArrowTarget::Memory(Vec::new()),
+                source: source.to_string(),
+            },
+            (Output::File(dest), Encoding::Jsonl) => {
+                let tmp = temp_beside(dest)?;
+                let file = tmp.as_file().try_clone().map_err(|e| PrepError::io(tmp.path(), e))?;
+                let buffered = BufWriter::with_capacity(1 << 20, file);
+                let gz = dest.to_string_lossy().to_ascii_lowercase().ends_with(".gz");
+                let out: Box<dyn Write + Send> = if gz {
+                    Box::new(GzEncoder::new(buffered, flate2::Compression::new(6)))
+                } else {
+                    Box::new(buffered)
+                };
+                Sink::Jsonl { tmp, out, dest: dest.clone() }
+            }
+            (Output::File(dest), _) => Sink::Arrow {
+                pending: Vec::new(),
+                schema: None,
+                target: ArrowTarget::Parquet { tmp: temp_beside(dest)?, writer: None, dest: dest.clone() },
+                source: source.to_string(),
+            },
+        })
+    }
+
+    pub fn write_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        if let Sink::Jsonl { out, tmp, .. } = self {
+            out.write_all(bytes).map_err(|e| PrepError::io(tmp.path(), e))?;
+        }
+        Ok(())
+    }
+
+    pub fn write_batch(&mut self, loc: Loc, batch: RecordBatch) -> Result<()> {
+        if let Sink::Arrow { pending, schema, .. } = self {
+            pending.push((loc, batch));
+            if schema.is_none() && pending.len() < SCHEMA_WINDOW {
+                return Ok(());
+            }
+            self.flush_pending()?;
+        }
+        Ok(())
+    }
+
+    fn flush_pending(&mut self) -> Result<()> {
+        let Sink::Arrow { pending, schema, target, source } = self else { return Ok(()) };
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let schema = schema.get_or_insert_with(|| merged_schema(pending.iter().map(|(_, b)| b))).clone();
+        for (loc, batch) in pending.drain(..) {
+            let batch = conform(&batch, &schema)
+                .map_err(|message| PrepError::Schema { source: source.clone(), loc, message })?;
+            match target {
+                ArrowTarget::Memory(out) => out.push(batch),
+                ArrowTarget::Parquet { tmp, writer, .. } => {
+                    if writer.is_none() {
+                        let file = tmp.as_file().try_clone().map_err(|e| PrepError::io(tmp.path(), e))?;
+                        let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
+                        *writer = Some(ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| {
+                            PrepError::Parquet { path: tmp.path().display().to_string(), message: e.to_string() }
+                        })?);
+                    }
+                    let w = writer.as_mut().expect("created above");
+                    w.write(&batch)
+                        .map_err(|e| PrepError::Parquet { path: tmp.path().display().to_string(), message: e.to_string() })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Flush and move the output into place. Returns in-memory batches and their schema.
+    pub fn finish(mut self, empty_schema: impl FnOnce() -> SchemaRef) -> Result<(Vec<RecordBatch>, Option<SchemaRef>)> {
+        self.flush_pending()?;
+        match self {
+            Sink::Discard => Ok((Vec::new(), None)),
+            Sink::Jsonl { tmp, mut out, dest } => {
+                out.flush().map_err(|e| PrepError::io(tmp.path(), e))?;
+                drop(out); // finishes the gzip stream
+                tmp.as_file().sync_all().map_err(|e| PrepError::io(tmp.path(), e))?;
+                tmp.persist(&dest).map_err(|e| PrepError::io(&dest, e.error))?;
+                Ok((Vec::new(), None))
+            }
+            Sink::Arrow { schema, target, .. } => {
+                let schema = schema.unwrap_or_else(empty_schema);
+                match target {
+                    ArrowTarget::Memory(batches) => Ok((batches, Some(schema))),
+                    ArrowTarget::Parquet { tmp, writer, dest } => {
+                        let writer = match writer {
+                            Some(w) => w,
+                            None => {
+                                let file = tmp.as_file().try_clone().map_err(|e| PrepError::io(tmp.path(), e))?;
+                                ArrowWriter::try_new(file, schema.clone(), None).map_err(|e| PrepError::Parquet {
+                                    path: tmp.path().display().to_string(),
+                                    message: e.to_string(),
+                                })?
+                            }
+                        };
+                        writer.close().map_err(|e| PrepError::Parquet {
+                            path: tmp.path().display().to_string(),
+                            message: e.to_string(),
+                        })?;
+                        tmp.as_file().sync_all().map_err(|e| PrepError::io(tmp.path(), e))?;
+                        tmp.persist(&dest).map_err(|e| PrepError::io(&dest, e.error))?;
+                        Ok((Vec::new(), Some(schema)))
+                    }
+                }
+            }
+        }
+    }
+}
