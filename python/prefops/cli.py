@@ -1,0 +1,188 @@
+"""The ``prefops`` command line.
+
+    prefops prep INPUT -o OUTPUT [options]   rated data -> TRL pairs (JSONL or Parquet)
+    prefops demo [--out DIR]                 prep the bundled samples and print a report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+from prefops import _native
+from prefops.data import FORMATS, STRATEGIES, THREADS_ENV, prep, sample_path
+
+EXIT_DATA_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def _column_mapping(text: str) -> tuple[str, str]:
+    canonical, sep, yours = text.partition("=")
+    if not sep or not canonical or not yours:
+        raise argparse.ArgumentTypeError(f"expected CANONICAL=YOURS (e.g. prompt=question), got {text!r}")
+    return canonical, yours
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefops", description="Preference-data preparation and losses.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "prep",
+        help="turn rated preference data into training pairs",
+        description="Read rated preference data (JSONL, JSONL.gz, JSON array or Parquet; any of the "
+        f"formats {', '.join(FORMATS)}), make pairs and write TRL-ready JSONL or Parquet. "
+        "The output appears only if the whole run succeeds.",
+    )
+    p.add_argument("input", type=Path)
+    p.add_argument("-o", "--output", type=Path, help=".jsonl, .jsonl.gz or .parquet (required unless --dry-run)")
+    p.add_argument("--format", choices=FORMATS, help="input schema (default: detected from the first record)")
+    p.add_argument("--map", dest="column_map", action="append", type=_column_mapping, default=[],
+                   metavar="CANONICAL=YOURS", help="rename an input column before detection (repeatable)")
+    p.add_argument("--score-field", help="UltraFeedback completion field holding the score (default overall_score)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="best_vs_worst")
+    p.add_argument("--min-margin", type=_non_negative, default=0.0,
+                   help="drop pairs with a smaller preference margin (score units; rank steps for ranked data)")
+    p.add_argument("--ties", choices=["drop", "keep"], default="drop")
+    p.add_argument("--no-dedupe", dest="dedupe", action="store_false", help="keep identical responses")
+    p.add_argument("--max-pairs-per-prompt", type=_positive_int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kind", choices=["pairs", "unpaired", "grouped"],
+                   help="output rows (default: pairs; unpaired for KTO input)")
+    p.add_argument("--group-by-prompt", action="store_true", help="merge rows sharing a prompt before pairing")
+    p.add_argument("--skip-invalid", action="store_true", help="count and skip bad records instead of stopping")
+    p.add_argument("--threads", type=_positive_int, help=f"worker threads (default ${THREADS_ENV} or all CPUs)")
+    p.add_argument("--dry-run", action="store_true", help="read and pair, write nothing")
+    p.add_argument("--stats", type=Path, help="write the JSON stats report here")
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
+
+    d = sub.add_parser("demo", help="prep the bundled sample data and print a report (no downloads)")
+    d.add_argument("--out", type=Path, help="directory for the outputs (default: a temporary directory)")
+    return parser
+
+
+def _run_prep(args: argparse.Namespace) -> int:
+    if args.output is None and not args.dry_run:
+        print("prefops prep: error: -o/--output is required (or pass --dry-run)", file=sys.stderr)
+        return 2
+    result = prep(
+        args.input,
+        args.output,
+        format=args.format,
+        column_map=dict(args.column_map),
+        score_field=args.score_field,
+        strategy=args.strategy,
+        min_margin=args.min_margin,
+        ties=args.ties,
+        dedupe=args.dedupe,
+        max_pairs_per_prompt=args.max_pairs_per_prompt,
+        seed=args.seed,
+        kind=args.kind,
+        skip_invalid=args.skip_invalid,
+        group_by_prompt=args.group_by_prompt,
+        threads=args.threads,
+        progress=sys.stderr.isatty(),
+        dry_run=args.dry_run,
+    )
+    if args.stats:
+        report = {
+            "input": str(args.input),
+            "output": None if args.dry_run else str(args.output),
+            "format": result.format,
+            "kind": result.kind,
+            "strategy": args.strategy,
+            "seed": args.seed,
+            "threads": result.threads,
+            "seconds": result.seconds,
+            **result.stats,
+        }
+        _write_json_atomic(args.stats, report)
+    if not args.quiet:
+        print(f"prefops prep: {args.input}", file=sys.stderr)
+        print(result.summary(), file=sys.stderr)
+    return 0
+
+
+DEMO_RUNS = [
+    ("hh", "HH-RLHF harmless (implicit prompt), bad rows skipped and counted",
+     dict(strategy="best_vs_worst", skip_invalid=True), "hh_pairs.parquet"),
+    ("llamafactory_dpo", "LLaMA-Factory DPO demo (ShareGPT)", dict(strategy="best_vs_worst"), "sharegpt_pairs.jsonl"),
+    ("imagereward", "ImageReward ranked lists, Curry-DPO best-vs-each", dict(strategy="best_vs_each"),
+     "imagereward_pairs.parquet"),
+    ("imagereward", "ImageReward ranked lists, all pairs, margin >= 2 ranks", dict(strategy="all_pairs", min_margin=2),
+     "imagereward_all_pairs.parquet"),
+    ("llamafactory_kto", "LLaMA-Factory KTO demo (unpaired)", dict(), "kto_unpaired.jsonl"),
+]
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="prefops-demo-") as tmp:
+        out_dir = args.out or Path(tmp)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print("prefops demo: preparing the bundled sample data (no downloads)\n")
+        for sample, title, options, out_name in DEMO_RUNS:
+            result = prep(sample_path(sample), out_dir / out_name, **options)
+            print(f"== {title}: {sample_path(sample).name}")
+            print(result.summary())
+            print()
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(out_dir / "hh_pairs.parquet")
+        row = table.slice(0, 1).to_pylist()[0]
+        print("first HH pair (TRL format):")
+        for key in ("prompt_id", "pair_id", "prompt", "chosen", "rejected", "margin"):
+            text = str(row[key]).replace("\n", "\\n")
+            print(f"  {key:<10} {text[:100]}{'...' if len(text) > 100 else ''}")
+        if args.out:
+            print(f"\noutputs in {out_dir}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "prep":
+            return _run_prep(args)
+        return _run_demo(args)
+    except KeyboardInterrupt:
+        print("prefops: interrupted; no output was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (_native.DataError, ValueError, OSError) as e:
+        print(f"prefops: error: {e}", file=sys.stderr)
+        return EXIT_DATA_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
