@@ -86,15 +86,23 @@ def _arrow_source(source: Any) -> Any:
     common containers that do not (HF datasets, pandas, lists of dicts)."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if not path.exists():
+        if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
         return path
-    if hasattr(source, "__arrow_c_stream__") or hasattr(source, "__arrow_c_array__"):
+    import pyarrow as pa
+
+    if isinstance(source, (pa.Table, pa.RecordBatch, pa.RecordBatchReader)):
         return source
+    if hasattr(source, "__arrow_c_stream__"):
+        # Other producers (polars, duckdb, ...) go through pyarrow's stream reader: no copy,
+        # still streaming, and pyarrow re-exports layouts that arrow-rs is strict about
+        # (e.g. polars' Null columns carry a buffer).
+        return pa.RecordBatchReader.from_stream(source)
+    if hasattr(source, "__arrow_c_array__"):
+        return pa.record_batch(source)
     data = getattr(source, "data", None)  # datasets.Dataset -> its pyarrow table
     if data is not None and hasattr(getattr(data, "table", None), "__arrow_c_stream__"):
         return data.table
-    import pyarrow as pa
 
     if isinstance(source, list):
         return pa.Table.from_pylist(source)

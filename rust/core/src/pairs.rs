@@ -110,7 +110,8 @@ pub struct Pair {
 pub fn make_pairs(group: &Group<'_>, opts: &PairOptions, stats: &mut Stats) -> Vec<Pair> {
     let pref: Vec<f64> = group.responses.iter().map(|r| r.preference()).collect();
     let mut order: Vec<usize> = (0..pref.len()).collect();
-    order.sort_by(|&a, &b| pref[b].total_cmp(&pref[a]));
+    // Scores are validated finite; partial_cmp treats -0.0 and 0.0 as equal (a tie).
+    order.sort_by(|&a, &b| pref[b].partial_cmp(&pref[a]).unwrap_or(std::cmp::Ordering::Equal));
 
     if opts.dedupe {
         let mut kept: Vec<usize> = Vec::with_capacity(order.len());
