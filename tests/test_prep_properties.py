@@ -139,3 +139,13 @@ def test_jsonl_and_parquet_outputs_hold_the_same_rows(tmp_path, out_name, shared
     else:
         rows = read_jsonl(tmp_path / out_name)
     assert rows == prefops.prep(src, strategy="all_pairs", ties="keep").table.to_pylist()
+
+
+def test_parquet_output_is_byte_identical_across_thread_counts(tmp_path, shared_data):
+    src = shared_data / "hh_harmless_test.jsonl.gz"
+    digests = set()
+    for threads in (1, 2, 4):
+        out = tmp_path / f"t{threads}.parquet"
+        _native.prep(src, out, skip_invalid=True, threads=threads, chunk_bytes=64 * 1024)
+        digests.add(out.read_bytes())
+    assert len(digests) == 1

@@ -150,6 +150,37 @@ impl ReadOptions {
 
 type RecResult<T> = Result<T, RecordError>;
 
+/// A field path built only when an error needs it ("completions[2].overall_score").
+struct At<'a> {
+    parent: &'a dyn fmt::Display,
+    index: Option<usize>,
+    key: Option<&'a str>,
+}
+
+impl<'a> At<'a> {
+    fn index(parent: &'a dyn fmt::Display, i: usize) -> Self {
+        At { parent, index: Some(i), key: None }
+    }
+    fn key(parent: &'a dyn fmt::Display, key: &'a str) -> Self {
+        At { parent, index: None, key: Some(key) }
+    }
+}
+
+impl fmt::Display for At<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.parent.fmt(f)?;
+        if let Some(i) = self.index {
+            write!(f, "[{i}]")?;
+        }
+        if let Some(k) = self.key {
+            write!(f, ".{k}")?;
+        }
+        Ok(())
+    }
+}
+
+type Field<'a> = &'a dyn fmt::Display;
+
 fn take_field<'a>(fields: &mut Fields<'a>, key: &str) -> Option<Value<'a>> {
     let pos = fields.iter().position(|(k, _)| k == key)?;
     Some(fields.remove(pos).1)
@@ -166,7 +197,7 @@ fn require<'a>(fields: &mut Fields<'a>, key: &str) -> RecResult<Value<'a>> {
     }
 }
 
-fn wrong_type(field: &str, expected: &str, got: &Value<'_>) -> RecordError {
+fn wrong_type(field: Field<'_>, expected: &str, got: &Value<'_>) -> RecordError {
     RecordError::new(
         Problem::WrongType,
         field.to_string(),
@@ -174,21 +205,21 @@ fn wrong_type(field: &str, expected: &str, got: &Value<'_>) -> RecordError {
     )
 }
 
-fn into_object<'a>(v: Value<'a>, field: &str) -> RecResult<Fields<'a>> {
+fn into_object<'a>(v: Value<'a>, field: Field<'_>) -> RecResult<Fields<'a>> {
     match v {
         Value::Object(f) => Ok(f),
         other => Err(wrong_type(field, "an object", &other)),
     }
 }
 
-fn into_list<'a>(v: Value<'a>, field: &str) -> RecResult<Vec<Value<'a>>> {
+fn into_list<'a>(v: Value<'a>, field: Field<'_>) -> RecResult<Vec<Value<'a>>> {
     match v {
         Value::List(items) => Ok(items),
         other => Err(wrong_type(field, "a list", &other)),
     }
 }
 
-fn into_text<'a>(v: Value<'a>, field: &str) -> RecResult<Cow<'a, str>> {
+fn into_text<'a>(v: Value<'a>, field: Field<'_>) -> RecResult<Cow<'a, str>> {
     match v {
         Value::Str(s) => Ok(s),
         other => Err(wrong_type(field, "a string", &other)),
@@ -196,7 +227,7 @@ fn into_text<'a>(v: Value<'a>, field: &str) -> RecResult<Cow<'a, str>> {
 }
 
 /// A finite number, or None when absent/null. Strings are refused: a score of "7" is a data bug.
-fn parse_score(v: Option<Value<'_>>, field: &str) -> RecResult<Option<f64>> {
+fn parse_score(v: Option<Value<'_>>, field: Field<'_>) -> RecResult<Option<f64>> {
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_f64() {
@@ -211,7 +242,7 @@ fn parse_score(v: Option<Value<'_>>, field: &str) -> RecResult<Option<f64>> {
     }
 }
 
-fn required_score(v: Option<Value<'_>>, field: &str) -> RecResult<f64> {
+fn required_score(v: Option<Value<'_>>, field: Field<'_>) -> RecResult<f64> {
     parse_score(v, field)?.ok_or_else(|| {
         RecordError::new(Problem::MissingField, field.to_string(), "missing score")
     })
@@ -226,10 +257,10 @@ fn normalise_role(role: Cow<'_, str>) -> Cow<'_, str> {
     }
 }
 
-fn parse_message<'a>(v: Value<'a>, field: &str) -> RecResult<Message<'a>> {
+fn parse_message<'a>(v: Value<'a>, field: Field<'_>) -> RecResult<Message<'a>> {
     let mut obj = into_object(v, field)?;
     let role = match take_field(&mut obj, "role").or_else(|| take_field(&mut obj, "from")) {
-        Some(r) => normalise_role(into_text(r, &format!("{field}.role"))?),
+        Some(r) => normalise_role(into_text(r, &At::key(field, "role"))?),
         None => {
             return Err(RecordError::new(
                 Problem::MissingField,
@@ -239,7 +270,7 @@ fn parse_message<'a>(v: Value<'a>, field: &str) -> RecResult<Message<'a>> {
         }
     };
     let content = match take_field(&mut obj, "content").or_else(|| take_field(&mut obj, "value")) {
-        Some(c) => into_text(c, &format!("{field}.content"))?,
+        Some(c) => into_text(c, &At::key(field, "content"))?,
         None => {
             return Err(RecordError::new(
                 Problem::MissingField,
@@ -252,13 +283,13 @@ fn parse_message<'a>(v: Value<'a>, field: &str) -> RecResult<Message<'a>> {
 }
 
 /// Text, a list of messages, or a single message object.
-fn parse_content<'a>(v: Value<'a>, field: &str) -> RecResult<Content<'a>> {
+fn parse_content<'a>(v: Value<'a>, field: Field<'_>) -> RecResult<Content<'a>> {
     match v {
         Value::Str(s) => Ok(Content::Text(s)),
         Value::List(items) => items
             .into_iter()
             .enumerate()
-            .map(|(i, m)| parse_message(m, &format!("{field}[{i}]")))
+            .map(|(i, m)| parse_message(m, &At::index(field, i)))
             .collect::<RecResult<Vec<_>>>()
             .map(Content::Messages),
         obj @ Value::Object(_) => Ok(Content::Messages(vec![parse_message(obj, field)?])),
@@ -266,7 +297,7 @@ fn parse_content<'a>(v: Value<'a>, field: &str) -> RecResult<Content<'a>> {
     }
 }
 
-fn non_empty<'a>(c: Content<'a>, field: &str, problem: Problem) -> RecResult<Content<'a>> {
+fn non_empty<'a>(c: Content<'a>, field: Field<'_>, problem: Problem) -> RecResult<Content<'a>> {
     if c.is_blank() {
         let what = if problem == Problem::EmptyPrompt { "prompt" } else { "response" };
         Err(RecordError::new(problem, field.to_string(), format!("empty {what}")))
@@ -275,11 +306,11 @@ fn non_empty<'a>(c: Content<'a>, field: &str, problem: Problem) -> RecResult<Con
     }
 }
 
-fn response_content<'a>(v: Value<'a>, field: &str) -> RecResult<Content<'a>> {
+fn response_content<'a>(v: Value<'a>, field: Field<'_>) -> RecResult<Content<'a>> {
     non_empty(parse_content(v, field)?, field, Problem::EmptyResponse)
 }
 
-fn prompt_content<'a>(v: Value<'a>, field: &str) -> RecResult<Content<'a>> {
+fn prompt_content<'a>(v: Value<'a>, field: Field<'_>) -> RecResult<Content<'a>> {
     non_empty(parse_content(v, field)?, field, Problem::EmptyPrompt)
 }
 
@@ -289,7 +320,7 @@ fn prompt_id_of<'a>(fields: &mut Fields<'a>, prompt: &Content<'_>) -> RecResult<
         Some(Value::Str(s)) => Ok(s),
         Some(Value::Int(i)) => Ok(Cow::Owned(i.to_string())),
         Some(Value::UInt(u)) => Ok(Cow::Owned(u.to_string())),
-        Some(other) => Err(wrong_type("prompt_id", "a string or integer", &other)),
+        Some(other) => Err(wrong_type(&"prompt_id", "a string or integer", &other)),
     }
 }
 
@@ -396,12 +427,12 @@ pub fn normalise<'a>(record: Value<'a>, format: Format, opts: &ReadOptions) -> R
     };
     let (prompt, responses) = match format {
         Format::Trl | Format::UltraFeedbackBinarized => {
-            let prompt = prompt_content(require(&mut f, "prompt")?, "prompt")?;
-            let chosen = response_content(require(&mut f, "chosen")?, "chosen")?;
-            let rejected = response_content(require(&mut f, "rejected")?, "rejected")?;
+            let prompt = prompt_content(require(&mut f, "prompt")?, &"prompt")?;
+            let chosen = response_content(require(&mut f, "chosen")?, &"chosen")?;
+            let rejected = response_content(require(&mut f, "rejected")?, &"rejected")?;
             let (prompt, chosen, rejected) = strip_prompt_from_responses(prompt, chosen, rejected)?;
-            let sc = parse_score(take_field(&mut f, "score_chosen"), "score_chosen")?;
-            let sr = parse_score(take_field(&mut f, "score_rejected"), "score_rejected")?;
+            let sc = parse_score(take_field(&mut f, "score_chosen"), &"score_chosen")?;
+            let sr = parse_score(take_field(&mut f, "score_rejected"), &"score_rejected")?;
             let responses = match (sc, sr) {
                 (Some(sc), Some(sr)) => {
                     let mut c = Response::new(chosen);
@@ -421,25 +452,25 @@ pub fn normalise<'a>(record: Value<'a>, format: Format, opts: &ReadOptions) -> R
             (prompt, responses)
         }
         Format::Implicit => {
-            let chosen = response_content(require(&mut f, "chosen")?, "chosen")?;
-            let rejected = response_content(require(&mut f, "rejected")?, "rejected")?;
+            let chosen = response_content(require(&mut f, "chosen")?, &"chosen")?;
+            let rejected = response_content(require(&mut f, "rejected")?, &"rejected")?;
             let (prompt, chosen, rejected) = split_implicit(chosen, rejected)?;
-            let prompt = non_empty(prompt, "chosen", Problem::EmptyPrompt)?;
-            let chosen = non_empty(chosen, "chosen", Problem::EmptyResponse)?;
-            let rejected = non_empty(rejected, "rejected", Problem::EmptyResponse)?;
+            let prompt = non_empty(prompt, &"chosen", Problem::EmptyPrompt)?;
+            let chosen = non_empty(chosen, &"chosen", Problem::EmptyResponse)?;
+            let rejected = non_empty(rejected, &"rejected", Problem::EmptyResponse)?;
             (prompt, two_ranked(chosen, rejected))
         }
         Format::UltraFeedback => {
-            let prompt = prompt_content(require(&mut f, "instruction")?, "instruction")?;
+            let prompt = prompt_content(require(&mut f, "instruction")?, &"instruction")?;
             let score_key = opts.score_field.as_deref().unwrap_or("overall_score");
-            let completions = into_list(require(&mut f, "completions")?, "completions")?;
+            let completions = into_list(require(&mut f, "completions")?, &"completions")?;
             let mut responses = Vec::with_capacity(completions.len());
             for (i, c) in completions.into_iter().enumerate() {
-                let field = format!("completions[{i}]");
+                let field = At::index(&"completions", i);
                 let mut obj = into_object(c, &field)?;
                 let text = require(&mut obj, "response").map_err(|e| prefix_field(e, &field))?;
-                let mut r = Response::new(response_content(text, &format!("{field}.response"))?);
-                r.score = Some(required_score(take_field(&mut obj, score_key), &format!("{field}.{score_key}"))?);
+                let mut r = Response::new(response_content(text, &At::key(&field, "response"))?);
+                r.score = Some(required_score(take_field(&mut obj, score_key), &At::key(&field, score_key))?);
                 r.model = take_model(&mut obj, &field)?;
                 r.extra = obj;
                 responses.push(r);
@@ -447,15 +478,15 @@ pub fn normalise<'a>(record: Value<'a>, format: Format, opts: &ReadOptions) -> R
             (prompt, responses)
         }
         Format::Nectar => {
-            let prompt = prompt_content(require(&mut f, "prompt")?, "prompt")?;
-            let answers = into_list(require(&mut f, "answers")?, "answers")?;
+            let prompt = prompt_content(require(&mut f, "prompt")?, &"prompt")?;
+            let answers = into_list(require(&mut f, "answers")?, &"answers")?;
             let mut responses = Vec::with_capacity(answers.len());
             for (i, a) in answers.into_iter().enumerate() {
-                let field = format!("answers[{i}]");
+                let field = At::index(&"answers", i);
                 let mut obj = into_object(a, &field)?;
                 let text = require(&mut obj, "answer").map_err(|e| prefix_field(e, &field))?;
-                let mut r = Response::new(response_content(text, &format!("{field}.answer"))?);
-                r.rank = Some(required_score(take_field(&mut obj, "rank"), &format!("{field}.rank"))?);
+                let mut r = Response::new(response_content(text, &At::key(&field, "answer"))?);
+                r.rank = Some(required_score(take_field(&mut obj, "rank"), &At::key(&field, "rank"))?);
                 r.model = take_model(&mut obj, &field)?;
                 r.extra = obj;
                 responses.push(r);
@@ -463,9 +494,9 @@ pub fn normalise<'a>(record: Value<'a>, format: Format, opts: &ReadOptions) -> R
             (prompt, responses)
         }
         Format::ShareGpt => {
-            let prompt = prompt_content(require(&mut f, "conversations")?, "conversations")?;
-            let chosen = response_content(require(&mut f, "chosen")?, "chosen")?;
-            let rejected = response_content(require(&mut f, "rejected")?, "rejected")?;
+            let prompt = prompt_content(require(&mut f, "conversations")?, &"conversations")?;
+            let chosen = response_content(require(&mut f, "chosen")?, &"chosen")?;
+            let rejected = response_content(require(&mut f, "rejected")?, &"rejected")?;
             let prompt = match prompt {
                 Content::Messages(m) => Content::Messages(m),
                 Content::Text(_) => {
@@ -479,9 +510,9 @@ pub fn normalise<'a>(record: Value<'a>, format: Format, opts: &ReadOptions) -> R
             (prompt, two_ranked(as_messages(chosen), as_messages(rejected)))
         }
         Format::RankedList => {
-            let prompt = prompt_content(require(&mut f, "prompt")?, "prompt")?;
-            let generations = into_list(require(&mut f, "generations")?, "generations")?;
-            let ranking = into_list(require(&mut f, "ranking")?, "ranking")?;
+            let prompt = prompt_content(require(&mut f, "prompt")?, &"prompt")?;
+            let generations = into_list(require(&mut f, "generations")?, &"generations")?;
+            let ranking = into_list(require(&mut f, "ranking")?, &"ranking")?;
             if generations.len() != ranking.len() {
                 return Err(RecordError::new(
                     Problem::LengthMismatch,
@@ -491,14 +522,14 @@ pub fn normalise<'a>(record: Value<'a>, format: Format, opts: &ReadOptions) -> R
             }
             let mut responses = Vec::with_capacity(generations.len());
             for (i, (g, r)) in generations.into_iter().zip(ranking).enumerate() {
-                let mut resp = Response::new(response_content(g, &format!("generations[{i}]"))?);
-                resp.rank = Some(required_score(Some(r), &format!("ranking[{i}]"))?);
+                let mut resp = Response::new(response_content(g, &At::index(&"generations", i))?);
+                resp.rank = Some(required_score(Some(r), &At::index(&"ranking", i))?);
                 responses.push(resp);
             }
             (prompt, responses)
         }
         Format::PickAPic => {
-            let prompt = prompt_content(require(&mut f, "caption")?, "caption")?;
+            let prompt = prompt_content(require(&mut f, "caption")?, &"caption")?;
             let mut responses = Vec::with_capacity(2);
             for side in 0..2 {
                 let image = ["image_{}_url", "jpg_{}", "image_{}"]
@@ -525,10 +556,10 @@ pub fn normalise<'a>(record: Value<'a>, format: Format, opts: &ReadOptions) -> R
                 Value::Bool(b) => b,
                 Value::Int(1) => true,
                 Value::Int(0) => false,
-                other => return Err(wrong_type("label", "a boolean (or 0/1)", &other)),
+                other => return Err(wrong_type(&"label", "a boolean (or 0/1)", &other)),
             };
             let (prompt, completion) = if let Some(messages) = take_field(&mut f, "messages") {
-                let Content::Messages(mut m) = parse_content(messages, "messages")? else {
+                let Content::Messages(mut m) = parse_content(messages, &"messages")? else {
                     return Err(RecordError::new(Problem::WrongType, "messages".to_string(), "must be a list of messages"));
                 };
                 if m.len() < 2 {
@@ -541,29 +572,29 @@ pub fn normalise<'a>(record: Value<'a>, format: Format, opts: &ReadOptions) -> R
                 let last = m.pop().expect("len checked");
                 (Content::Messages(m), Content::Messages(vec![last]))
             } else {
-                let prompt = parse_content(require(&mut f, "prompt")?, "prompt")?;
-                (prompt, parse_content(require(&mut f, "completion")?, "completion")?)
+                let prompt = parse_content(require(&mut f, "prompt")?, &"prompt")?;
+                (prompt, parse_content(require(&mut f, "completion")?, &"completion")?)
             };
-            let prompt = non_empty(prompt, "prompt", Problem::EmptyPrompt)?;
-            let mut r = Response::new(non_empty(completion, "completion", Problem::EmptyResponse)?);
+            let prompt = non_empty(prompt, &"prompt", Problem::EmptyPrompt)?;
+            let mut r = Response::new(non_empty(completion, &"completion", Problem::EmptyResponse)?);
             r.score = Some(if label { 1.0 } else { 0.0 });
             (prompt, vec![r])
         }
         Format::Grouped => {
-            let prompt = prompt_content(require(&mut f, "prompt")?, "prompt")?;
-            let items = into_list(require(&mut f, "responses")?, "responses")?;
+            let prompt = prompt_content(require(&mut f, "prompt")?, &"prompt")?;
+            let items = into_list(require(&mut f, "responses")?, &"responses")?;
             let mut responses = Vec::with_capacity(items.len());
             for (i, item) in items.into_iter().enumerate() {
-                let field = format!("responses[{i}]");
+                let field = At::index(&"responses", i);
                 let mut obj = into_object(item, &field)?;
                 let content = require(&mut obj, "content").map_err(|e| prefix_field(e, &field))?;
-                let mut r = Response::new(response_content(content, &format!("{field}.content"))?);
-                r.score = parse_score(take_field(&mut obj, "score"), &format!("{field}.score"))?;
-                r.rank = parse_score(take_field(&mut obj, "rank"), &format!("{field}.rank"))?;
+                let mut r = Response::new(response_content(content, &At::key(&field, "content"))?);
+                r.score = parse_score(take_field(&mut obj, "score"), &At::key(&field, "score"))?;
+                r.rank = parse_score(take_field(&mut obj, "rank"), &At::key(&field, "rank"))?;
                 r.hallucinated = match take_field(&mut obj, "hallucinated") {
                     None | Some(Value::Null) => None,
                     Some(Value::Bool(b)) => Some(b),
-                    Some(other) => return Err(wrong_type(&format!("{field}.hallucinated"), "a boolean", &other)),
+                    Some(other) => return Err(wrong_type(&At::key(&field, "hallucinated"), "a boolean", &other)),
                 };
                 r.model = take_model(&mut obj, &field)?;
                 if r.score.is_none() && r.rank.is_none() {
@@ -596,15 +627,15 @@ fn as_messages(c: Content<'_>) -> Content<'_> {
     }
 }
 
-fn take_model<'a>(obj: &mut Fields<'a>, field: &str) -> RecResult<Option<Cow<'a, str>>> {
+fn take_model<'a>(obj: &mut Fields<'a>, field: Field<'_>) -> RecResult<Option<Cow<'a, str>>> {
     match take_field(obj, "model") {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Str(s)) => Ok(Some(s)),
-        Some(other) => Err(wrong_type(&format!("{field}.model"), "a string", &other)),
+        Some(other) => Err(wrong_type(&At::key(field, "model"), "a string", &other)),
     }
 }
 
-fn prefix_field(mut e: RecordError, prefix: &str) -> RecordError {
+fn prefix_field(mut e: RecordError, prefix: Field<'_>) -> RecordError {
     e.field = Some(match e.field {
         Some(f) => format!("{prefix}.{f}"),
         None => prefix.to_string(),

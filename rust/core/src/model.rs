@@ -2,6 +2,8 @@
 
 use std::borrow::Cow;
 
+use xxhash_rust::xxh3::Xxh3;
+
 use crate::value::Value;
 
 /// One chat message. Only role and content are kept; TRL's conversational format needs no more.
@@ -30,17 +32,18 @@ impl<'a> Content<'a> {
         matches!(self, Content::Messages(_))
     }
 
-    /// Bytes that identify the content: the text itself, or role \x1f content \x1e per message.
-    /// Used for default prompt ids and pair ids; the Python reference mirrors it.
-    pub fn fingerprint_into(&self, out: &mut Vec<u8>) {
+    /// Feed the bytes that identify the content to a hasher: the text itself, or
+    /// role \x1f content \x1e per message. Used for default prompt ids and pair ids; the
+    /// Python reference mirrors it.
+    pub fn fingerprint_into(&self, h: &mut Xxh3) {
         match self {
-            Content::Text(t) => out.extend_from_slice(t.as_bytes()),
+            Content::Text(t) => h.update(t.as_bytes()),
             Content::Messages(ms) => {
                 for m in ms {
-                    out.extend_from_slice(m.role.as_bytes());
-                    out.push(0x1f);
-                    out.extend_from_slice(m.content.as_bytes());
-                    out.push(0x1e);
+                    h.update(m.role.as_bytes());
+                    h.update(&[0x1f]);
+                    h.update(m.content.as_bytes());
+                    h.update(&[0x1e]);
                 }
             }
         }
@@ -144,21 +147,28 @@ impl<'a> Group<'a> {
     }
 }
 
+/// 16 lowercase hex digits.
+fn hex16(x: u64) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let bytes: Vec<u8> = (0..16).rev().map(|i| DIGITS[((x >> (4 * i)) & 0xf) as usize]).collect();
+    String::from_utf8(bytes).expect("hex digits are ASCII")
+}
+
 /// Default prompt id: 16 hex digits of xxh3-64 over the prompt's fingerprint.
 pub fn default_prompt_id(prompt: &Content<'_>) -> String {
-    let mut buf = Vec::new();
-    prompt.fingerprint_into(&mut buf);
-    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&buf))
+    let mut h = Xxh3::new();
+    prompt.fingerprint_into(&mut h);
+    hex16(h.digest())
 }
 
 /// Pair id: 16 hex digits of xxh3-64 over prompt_id \0 chosen \0 rejected. Stable across runs,
 /// batchings and thread counts; equal only for identical pairs.
 pub fn pair_id(prompt_id: &str, chosen: &Content<'_>, rejected: &Content<'_>) -> String {
-    let mut buf = Vec::with_capacity(prompt_id.len() + 256);
-    buf.extend_from_slice(prompt_id.as_bytes());
-    buf.push(0);
-    chosen.fingerprint_into(&mut buf);
-    buf.push(0);
-    rejected.fingerprint_into(&mut buf);
-    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&buf))
+    let mut h = Xxh3::new();
+    h.update(prompt_id.as_bytes());
+    h.update(&[0]);
+    chosen.fingerprint_into(&mut h);
+    h.update(&[0]);
+    rejected.fingerprint_into(&mut h);
+    hex16(h.digest())
 }

@@ -7,7 +7,7 @@ use std::str::FromStr;
 use arrow_schema::DataType;
 
 use crate::formats::Format;
-use crate::model::{pair_id, Group, Response};
+use crate::model::{pair_id, Content, Group, Message, Response};
 use crate::pairs::{Pair, TiePolicy};
 use crate::value::Value;
 
@@ -164,4 +164,121 @@ pub fn grouped_row<'a>(g: &Group<'a>) -> Value<'a> {
     f.push((key("responses"), Value::List(g.responses.iter().map(response_value).collect())));
     f.extend(g.extra.iter().cloned());
     Value::Object(f)
+}
+
+struct MessageJson<'m, 'a>(&'m Message<'a>);
+
+impl serde::Serialize for MessageJson<'_, '_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(2))?;
+        map.serialize_entry("role", self.0.role.as_ref())?;
+        map.serialize_entry("content", self.0.content.as_ref())?;
+        map.end()
+    }
+}
+
+/// Content as JSON without building a `Value` first (same text as `to_value()` would give).
+struct ContentJson<'c, 'a>(&'c Content<'a>);
+
+impl serde::Serialize for ContentJson<'_, '_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        match self.0 {
+            Content::Text(t) => s.serialize_str(t),
+            Content::Messages(ms) => {
+                let mut seq = s.serialize_seq(Some(ms.len()))?;
+                for m in ms {
+                    seq.serialize_element(&MessageJson(m))?;
+                }
+                seq.end()
+            }
+        }
+    }
+}
+
+fn json_into<T: serde::Serialize + ?Sized>(buf: &mut Vec<u8>, v: &T) {
+    serde_json::to_writer(buf, v).expect("writing JSON to a Vec cannot fail");
+}
+
+fn json_bytes<T: serde::Serialize + ?Sized>(v: &T) -> Vec<u8> {
+    let mut b = Vec::new();
+    json_into(&mut b, v);
+    b
+}
+
+/// JSONL pair rows written straight from the group: the prompt, each response and the
+/// carried-through columns are serialised once per prompt, not once per pair. Produces the
+/// same keys, order and text as serialising `pair_row`.
+pub fn write_pairs_jsonl(buf: &mut Vec<u8>, g: &Group<'_>, pairs: &[Pair], cols: PairColumns) {
+    if pairs.is_empty() {
+        return;
+    }
+    let prompt_id = json_bytes(g.prompt_id.as_ref());
+    let prompt = json_bytes(&ContentJson(&g.prompt));
+    let mut extra = Vec::new();
+    for (k, v) in &g.extra {
+        extra.push(b',');
+        json_into(&mut extra, k.as_ref());
+        extra.push(b':');
+        json_into(&mut extra, v);
+    }
+    let mut responses: Vec<Option<Vec<u8>>> = vec![None; g.responses.len()];
+    for p in pairs {
+        for i in [p.chosen, p.rejected] {
+            if responses[i].is_none() {
+                responses[i] = Some(json_bytes(&ContentJson(&g.responses[i].content)));
+            }
+        }
+        let (c, r) = (&g.responses[p.chosen], &g.responses[p.rejected]);
+        buf.extend_from_slice(b"{\"prompt_id\":");
+        buf.extend_from_slice(&prompt_id);
+        buf.extend_from_slice(b",\"pair_id\":\"");
+        buf.extend_from_slice(pair_id(&g.prompt_id, &c.content, &r.content).as_bytes());
+        buf.extend_from_slice(b"\",\"prompt\":");
+        buf.extend_from_slice(&prompt);
+        buf.extend_from_slice(b",\"chosen\":");
+        buf.extend_from_slice(responses[p.chosen].as_deref().expect("filled above"));
+        buf.extend_from_slice(b",\"rejected\":");
+        buf.extend_from_slice(responses[p.rejected].as_deref().expect("filled above"));
+        let mut field = |name: &str, value: &dyn erased::Json| {
+            buf.extend_from_slice(b",\"");
+            buf.extend_from_slice(name.as_bytes());
+            buf.extend_from_slice(b"\":");
+            value.write(buf);
+        };
+        field("score_chosen", &c.score);
+        field("score_rejected", &r.score);
+        field("margin", &p.margin);
+        if cols.tie {
+            field("tie", &p.tie);
+        }
+        if cols.ranks {
+            field("rank_chosen", &c.rank);
+            field("rank_rejected", &r.rank);
+        }
+        if cols.models {
+            field("chosen_model", &c.model.as_deref());
+            field("rejected_model", &r.model.as_deref());
+        }
+        if cols.hallucinated {
+            field("chosen_hallucinated", &c.hallucinated);
+            field("rejected_hallucinated", &r.hallucinated);
+        }
+        buf.extend_from_slice(&extra);
+        buf.extend_from_slice(b"}\n");
+    }
+}
+
+mod erased {
+    /// A JSON scalar that can be written through a trait object.
+    pub trait Json {
+        fn write(&self, buf: &mut Vec<u8>);
+    }
+
+    impl<T: serde::Serialize> Json for T {
+        fn write(&self, buf: &mut Vec<u8>) {
+            super::json_into(buf, self);
+        }
+    }
 }

@@ -4,7 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::model::Group;
-use crate::rng::SplitMix64;
+use crate::rng::LazyStream;
 use crate::stats::Stats;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,7 +129,7 @@ pub fn make_pairs(group: &Group<'_>, opts: &PairOptions, stats: &mut Stats) -> V
         return Vec::new();
     }
 
-    let mut rng = SplitMix64::for_prompt(opts.seed, &group.prompt_id);
+    let mut rng = LazyStream::new(opts.seed, &group.prompt_id);
     let best = order[0];
     let candidates: Vec<(usize, usize)> = match opts.strategy {
         Strategy::BestVsWorst => vec![(best, *order.last().expect("len >= 2"))],
@@ -152,7 +152,7 @@ pub fn make_pairs(group: &Group<'_>, opts: &PairOptions, stats: &mut Stats) -> V
             if pool.is_empty() {
                 vec![(best, order[1])]
             } else {
-                vec![(best, pool[rng.below(pool.len())])]
+                vec![(best, pool[rng.get().below(pool.len())])]
             }
         }
     };
@@ -176,7 +176,7 @@ pub fn make_pairs(group: &Group<'_>, opts: &PairOptions, stats: &mut Stats) -> V
     if let Some(max) = opts.max_pairs_per_prompt {
         if pairs.len() > max {
             stats.drop_reason("over_max_pairs_per_prompt", (pairs.len() - max) as u64);
-            let keep = rng.choose_sorted(pairs.len(), max);
+            let keep = rng.get().choose_sorted(pairs.len(), max);
             pairs = keep.into_iter().map(|i| pairs[i]).collect();
         }
     }

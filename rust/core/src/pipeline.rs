@@ -16,7 +16,7 @@ use crate::error::{Loc, PrepError, Result};
 use crate::formats::{normalise, Format, ReadOptions};
 use crate::io::{read_file, Chunk, ChunkIter, Encoding, Output, Sink};
 use crate::model::Group;
-use crate::output::{grouped_row, pair_row, unpaired_rows, OutputKind, PairColumns, TYPE_HINTS};
+use crate::output::{grouped_row, pair_row, unpaired_rows, write_pairs_jsonl, OutputKind, PairColumns, TYPE_HINTS};
 use crate::pairs::{make_pairs, PairOptions};
 use crate::stats::Stats;
 use crate::value::Value;
@@ -128,8 +128,28 @@ fn first_loc(chunk: &Chunk) -> Loc {
     }
 }
 
+/// Where a chunk's output rows go: Arrow rows, JSONL text, or only counted (dry run).
+enum Rows<'a> {
+    Values(Vec<Value<'a>>),
+    Jsonl(Vec<u8>),
+    Counted,
+}
+
+impl<'a> Rows<'a> {
+    fn push(&mut self, row: Value<'a>) {
+        match self {
+            Rows::Values(v) => v.push(row),
+            Rows::Jsonl(buf) => {
+                serde_json::to_writer(&mut *buf, &row).expect("writing to a Vec cannot fail");
+                buf.push(b'\n');
+            }
+            Rows::Counted => {}
+        }
+    }
+}
+
 /// Turn one group into output rows, counting what happens to it.
-fn emit<'a>(g: &Group<'a>, ctx: &Ctx, stats: &mut Stats, rows: &mut Vec<Value<'a>>) {
+fn emit<'a>(g: &Group<'a>, ctx: &Ctx, stats: &mut Stats, rows: &mut Rows<'a>) {
     stats.prompts += 1;
     stats.responses += g.responses.len() as u64;
     match ctx.kind {
@@ -142,11 +162,24 @@ fn emit<'a>(g: &Group<'a>, ctx: &Ctx, stats: &mut Stats, rows: &mut Vec<Value<'a
                 stats.pairs_made += 1;
                 stats.ties_kept += p.tie as u64;
                 stats.margin_histogram.add(p.margin);
-                rows.push(pair_row(g, p, ctx.columns));
+            }
+            stats.rows_written += pairs.len() as u64;
+            match rows {
+                Rows::Values(v) => v.extend(pairs.iter().map(|p| pair_row(g, p, ctx.columns))),
+                Rows::Jsonl(buf) => write_pairs_jsonl(buf, g, &pairs, ctx.columns),
+                Rows::Counted => {}
             }
         }
-        OutputKind::Unpaired => rows.extend(unpaired_rows(g)),
-        OutputKind::Grouped => rows.push(grouped_row(g)),
+        OutputKind::Unpaired => {
+            for row in unpaired_rows(g) {
+                stats.rows_written += 1;
+                rows.push(row);
+            }
+        }
+        OutputKind::Grouped => {
+            stats.rows_written += 1;
+            rows.push(grouped_row(g));
+        }
     }
 }
 
@@ -154,7 +187,11 @@ fn process(chunk: Chunk, ctx: &Ctx) -> Result<ChunkOut> {
     let loc = first_loc(&chunk);
     let chunk = chunk.prepare().map_err(|m| PrepError::Config(format!("{}: {m}", ctx.source)))?;
     let mut stats = Stats::default();
-    let mut rows: Vec<Value<'_>> = Vec::new();
+    let mut rows = match ctx.encoding {
+        Encoding::Arrow => Rows::Values(Vec::new()),
+        Encoding::Jsonl => Rows::Jsonl(Vec::with_capacity(1 << 20)),
+        Encoding::None => Rows::Counted,
+    };
     let mut groups: Vec<Group<'static>> = Vec::new();
     if let Chunk::Groups { groups: gs, .. } = &chunk {
         for g in gs {
@@ -187,21 +224,13 @@ fn process(chunk: Chunk, ctx: &Ctx) -> Result<ChunkOut> {
             }
         }
     })?;
-    stats.rows_written = rows.len() as u64;
     let payload = if ctx.collect_groups {
         Payload::Groups(groups)
     } else {
-        match ctx.encoding {
-            Encoding::None => Payload::Nothing,
-            Encoding::Arrow => Payload::Batch(rows_to_batch(&rows, TYPE_HINTS)),
-            Encoding::Jsonl => {
-                let mut buf = Vec::with_capacity(rows.len() * 512);
-                for row in &rows {
-                    serde_json::to_writer(&mut buf, row).expect("writing to a Vec cannot fail");
-                    buf.push(b'\n');
-                }
-                Payload::Bytes(buf)
-            }
+        match rows {
+            Rows::Counted => Payload::Nothing,
+            Rows::Values(v) => Payload::Batch(rows_to_batch(&v, TYPE_HINTS)),
+            Rows::Jsonl(buf) => Payload::Bytes(buf),
         }
     };
     Ok(ChunkOut { loc, payload, stats })

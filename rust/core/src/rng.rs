@@ -5,15 +5,15 @@
 //! The definitions are simple on purpose: the pure-Python reference in the tests re-implements
 //! them bit for bit.
 
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::Xxh3;
 
 /// xxh3-64 of `"prefops" ‖ seed (u64 little-endian) ‖ prompt_id (UTF-8)`.
 pub fn prompt_seed(seed: u64, prompt_id: &str) -> u64 {
-    let mut buf = Vec::with_capacity(15 + prompt_id.len());
-    buf.extend_from_slice(b"prefops");
-    buf.extend_from_slice(&seed.to_le_bytes());
-    buf.extend_from_slice(prompt_id.as_bytes());
-    xxh3_64(&buf)
+    let mut h = Xxh3::new();
+    h.update(b"prefops");
+    h.update(&seed.to_le_bytes());
+    h.update(prompt_id.as_bytes());
+    h.digest()
 }
 
 /// SplitMix64 (Steele, Lea & Flood 2014).
@@ -56,6 +56,25 @@ impl SplitMix64 {
         idx.truncate(k);
         idx.sort_unstable();
         idx
+    }
+}
+
+/// A prompt's stream, seeded on first use (hashing the prompt id is not free, and most
+/// strategies never draw).
+pub struct LazyStream<'a> {
+    seed: u64,
+    prompt_id: &'a str,
+    inner: Option<SplitMix64>,
+}
+
+impl<'a> LazyStream<'a> {
+    pub fn new(seed: u64, prompt_id: &'a str) -> Self {
+        LazyStream { seed, prompt_id, inner: None }
+    }
+
+    pub fn get(&mut self) -> &mut SplitMix64 {
+        let (seed, id) = (self.seed, self.prompt_id);
+        self.inner.get_or_insert_with(|| SplitMix64::for_prompt(seed, id))
     }
 }
 
