@@ -463,35 +463,13 @@ pub fn normalise<'a>(record: Value<'a>, format: Format, opts: &ReadOptions) -> R
         Format::UltraFeedback => {
             let prompt = prompt_content(require(&mut f, "instruction")?, &"instruction")?;
             let score_key = opts.score_field.as_deref().unwrap_or("overall_score");
-            let completions = into_list(require(&mut f, "completions")?, &"completions")?;
-            let mut responses = Vec::with_capacity(completions.len());
-            for (i, c) in completions.into_iter().enumerate() {
-                let field = At::index(&"completions", i);
-                let mut obj = into_object(c, &field)?;
-                let text = require(&mut obj, "response").map_err(|e| prefix_field(e, &field))?;
-                let mut r = Response::new(response_content(text, &At::key(&field, "response"))?);
-                r.score = Some(required_score(take_field(&mut obj, score_key), &At::key(&field, score_key))?);
-                r.model = take_model(&mut obj, &field)?;
-                r.extra = obj;
-                responses.push(r);
-            }
-            (prompt, responses)
+            let completions = require(&mut f, "completions")?;
+            (prompt, rated_list(completions, "completions", "response", score_key, Rating::Score)?)
         }
         Format::Nectar => {
             let prompt = prompt_content(require(&mut f, "prompt")?, &"prompt")?;
-            let answers = into_list(require(&mut f, "answers")?, &"answers")?;
-            let mut responses = Vec::with_capacity(answers.len());
-            for (i, a) in answers.into_iter().enumerate() {
-                let field = At::index(&"answers", i);
-                let mut obj = into_object(a, &field)?;
-                let text = require(&mut obj, "answer").map_err(|e| prefix_field(e, &field))?;
-                let mut r = Response::new(response_content(text, &At::key(&field, "answer"))?);
-                r.rank = Some(required_score(take_field(&mut obj, "rank"), &At::key(&field, "rank"))?);
-                r.model = take_model(&mut obj, &field)?;
-                r.extra = obj;
-                responses.push(r);
-            }
-            (prompt, responses)
+            let answers = require(&mut f, "answers")?;
+            (prompt, rated_list(answers, "answers", "answer", "rank", Rating::Rank)?)
         }
         Format::ShareGpt => {
             let prompt = prompt_content(require(&mut f, "conversations")?, &"conversations")?;
@@ -618,6 +596,39 @@ pub fn normalise<'a>(record: Value<'a>, format: Format, opts: &ReadOptions) -> R
     }
     let prompt_id = prompt_id_of(&mut f, &prompt)?;
     Ok(Group { prompt_id, prompt, responses, extra: f })
+}
+
+enum Rating {
+    Score,
+    Rank,
+}
+
+/// A list of response objects, each with its text, a required score or rank, an optional
+/// model, and extra fields kept (UltraFeedback completions, Nectar answers).
+fn rated_list<'a>(
+    list: Value<'a>,
+    list_name: &'static str,
+    text_key: &str,
+    rating_key: &str,
+    rating: Rating,
+) -> RecResult<Vec<Response<'a>>> {
+    let items = into_list(list, &list_name)?;
+    let mut responses = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let field = At::index(&list_name, i);
+        let mut obj = into_object(item, &field)?;
+        let text = require(&mut obj, text_key).map_err(|e| prefix_field(e, &field))?;
+        let mut r = Response::new(response_content(text, &At::key(&field, text_key))?);
+        let value = Some(required_score(take_field(&mut obj, rating_key), &At::key(&field, rating_key))?);
+        match rating {
+            Rating::Score => r.score = value,
+            Rating::Rank => r.rank = value,
+        }
+        r.model = take_model(&mut obj, &field)?;
+        r.extra = obj;
+        responses.push(r);
+    }
+    Ok(responses)
 }
 
 fn as_messages(c: Content<'_>) -> Content<'_> {
