@@ -284,6 +284,17 @@ fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(filled)
 }
 
+/// Rows per Parquet row group. The writer holds a whole row group in memory before it
+/// flushes, so this bounds the memory of a streaming run (the default, 1M rows, does not).
+pub const PARQUET_ROW_GROUP_ROWS: usize = 64 * 1024;
+
+fn parquet_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(PARQUET_ROW_GROUP_ROWS))
+        .build()
+}
+
 /// Where the output goes.
 #[derive(Debug, Clone)]
 pub enum Output {
@@ -418,7 +429,7 @@ impl Sink {
                 ArrowTarget::Parquet { tmp, writer, .. } => {
                     if writer.is_none() {
                         let file = tmp.as_file().try_clone().map_err(|e| PrepError::io(tmp.path(), e))?;
-                        let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
+                        let props = parquet_properties();
                         *writer = Some(ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| {
                             PrepError::Parquet { path: tmp.path().display().to_string(), message: e.to_string() }
                         })?);
@@ -453,7 +464,7 @@ impl Sink {
                             Some(w) => w,
                             None => {
                                 let file = tmp.as_file().try_clone().map_err(|e| PrepError::io(tmp.path(), e))?;
-                                ArrowWriter::try_new(file, schema.clone(), None).map_err(|e| PrepError::Parquet {
+                                ArrowWriter::try_new(file, schema.clone(), Some(parquet_properties())).map_err(|e| PrepError::Parquet {
                                     path: tmp.path().display().to_string(),
                                     message: e.to_string(),
                                 })?

@@ -4,7 +4,12 @@ use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
-use arrow_schema::DataType;
+use std::sync::Arc;
+
+use arrow_array::builder::{BooleanBuilder, Float64Builder, ListBuilder, StringBuilder, StructBuilder};
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef, RecordBatch, RecordBatchOptions};
+use arrow_schema::{DataType, Field, Fields, Schema};
 
 use crate::formats::Format;
 use crate::model::{pair_id, Content, Group, Message, Response};
@@ -103,6 +108,17 @@ fn key(k: &'static str) -> Cow<'static, str> {
     Cow::Borrowed(k)
 }
 
+/// Columns a pair row is made of; an input column of the same name is not carried through.
+const PAIR_COLUMNS: &[&str] = &[
+    "prompt_id", "pair_id", "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin", "tie",
+    "rank_chosen", "rank_rejected", "chosen_model", "rejected_model", "chosen_hallucinated",
+    "rejected_hallucinated",
+];
+
+fn is_pair_column(name: &str) -> bool {
+    PAIR_COLUMNS.contains(&name)
+}
+
 pub fn pair_row<'a>(g: &Group<'a>, p: &Pair, cols: PairColumns) -> Value<'a> {
     let (c, r) = (&g.responses[p.chosen], &g.responses[p.rejected]);
     let mut f = Vec::with_capacity(16 + g.extra.len());
@@ -129,7 +145,7 @@ pub fn pair_row<'a>(g: &Group<'a>, p: &Pair, cols: PairColumns) -> Value<'a> {
         f.push((key("chosen_hallucinated"), opt_bool(c.hallucinated)));
         f.push((key("rejected_hallucinated"), opt_bool(r.hallucinated)));
     }
-    f.extend(g.extra.iter().cloned());
+    f.extend(g.extra.iter().filter(|(k, _)| !is_pair_column(k)).cloned());
     Value::Object(f)
 }
 
@@ -217,7 +233,7 @@ pub fn write_pairs_jsonl(buf: &mut Vec<u8>, g: &Group<'_>, pairs: &[Pair], cols:
     let prompt_id = json_bytes(g.prompt_id.as_ref());
     let prompt = json_bytes(&ContentJson(&g.prompt));
     let mut extra = Vec::new();
-    for (k, v) in &g.extra {
+    for (k, v) in g.extra.iter().filter(|(k, _)| !is_pair_column(k)) {
         extra.push(b',');
         json_into(&mut extra, k.as_ref());
         extra.push(b':');
@@ -279,6 +295,276 @@ mod erased {
     impl<T: serde::Serialize> Json for T {
         fn write(&self, buf: &mut Vec<u8>) {
             super::json_into(buf, self);
+        }
+    }
+}
+
+/// A text-or-messages column built straight from `Content`, as Utf8 or
+/// List<Struct<role, content>>. A column that mixes the two becomes Utf8 with the message
+/// lists as JSON text — what the generic row path gives for mixed columns too.
+enum ContentColumn {
+    Empty(usize),
+    Text(StringBuilder),
+    Messages(ListBuilder<StructBuilder>),
+}
+
+fn message_fields() -> Fields {
+    Fields::from(vec![Field::new("role", DataType::Utf8, true), Field::new("content", DataType::Utf8, true)])
+}
+
+impl ContentColumn {
+    fn append(&mut self, c: &Content<'_>) {
+        if let ContentColumn::Empty(nulls) = self {
+            let nulls = *nulls;
+            *self = match c {
+                Content::Text(_) => ContentColumn::Text(StringBuilder::new()),
+                Content::Messages(_) => ContentColumn::Messages(ListBuilder::new(StructBuilder::from_fields(message_fields(), 0))),
+            };
+            for _ in 0..nulls {
+                self.append_null();
+            }
+        }
+        match (&mut *self, c) {
+            (ContentColumn::Text(b), Content::Text(t)) => b.append_value(t),
+            (ContentColumn::Text(b), Content::Messages(_)) => b.append_value(json_string(&ContentJson(c))),
+            (ContentColumn::Messages(b), Content::Messages(ms)) => {
+                let s = b.values();
+                for m in ms {
+                    s.field_builder::<StringBuilder>(0).expect("role").append_value(&m.role);
+                    s.field_builder::<StringBuilder>(1).expect("content").append_value(&m.content);
+                    s.append(true);
+                }
+                b.append(true);
+            }
+            (ContentColumn::Messages(_), Content::Text(_)) => {
+                self.to_text();
+                self.append(c);
+            }
+            (ContentColumn::Empty(_), _) => unreachable!("set above"),
+        }
+    }
+
+    fn append_null(&mut self) {
+        match self {
+            ContentColumn::Empty(n) => *n += 1,
+            ContentColumn::Text(b) => b.append_null(),
+            ContentColumn::Messages(b) => b.append(false),
+        }
+    }
+
+    /// Switch a message column to text, writing the lists so far as JSON.
+    fn to_text(&mut self) {
+        if let ContentColumn::Messages(b) = self {
+            let list = b.finish();
+            let mut text = StringBuilder::new();
+            for i in 0..list.len() {
+                if list.is_null(i) {
+                    text.append_null();
+                    continue;
+                }
+                let item = list.value(i);
+                let s = item.as_struct();
+                let (roles, contents) = (s.column(0).as_string::<i32>(), s.column(1).as_string::<i32>());
+                let ms: Vec<Message<'_>> = (0..s.len())
+                    .map(|j| Message { role: Cow::Borrowed(roles.value(j)), content: Cow::Borrowed(contents.value(j)) })
+                    .collect();
+                text.append_value(json_string(&ContentJson(&Content::Messages(ms))));
+            }
+            *self = ContentColumn::Text(text);
+        }
+    }
+
+    fn finish(&mut self) -> ArrayRef {
+        match self {
+            ContentColumn::Empty(n) => Arc::new(arrow_array::NullArray::new(*n)),
+            ContentColumn::Text(b) => Arc::new(b.finish()),
+            ContentColumn::Messages(b) => Arc::new(b.finish()),
+        }
+    }
+}
+
+fn json_string<T: serde::Serialize + ?Sized>(v: &T) -> String {
+    serde_json::to_string(v).expect("serialising to a String cannot fail")
+}
+
+/// Pair rows appended straight into Arrow builders (one copy of each string); the
+/// carried-through columns go through the generic row path. Same columns and types as
+/// `rows_to_batch` over `pair_row`s.
+pub struct PairBatchBuilder<'a> {
+    cols: PairColumns,
+    rows: usize,
+    prompt_id: StringBuilder,
+    pair_id: StringBuilder,
+    prompt: ContentColumn,
+    chosen: ContentColumn,
+    rejected: ContentColumn,
+    score_chosen: Float64Builder,
+    score_rejected: Float64Builder,
+    margin: Float64Builder,
+    tie: BooleanBuilder,
+    rank_chosen: Float64Builder,
+    rank_rejected: Float64Builder,
+    chosen_model: StringBuilder,
+    rejected_model: StringBuilder,
+    chosen_hallucinated: BooleanBuilder,
+    rejected_hallucinated: BooleanBuilder,
+    extra: Vec<Value<'a>>,
+    any_extra: bool,
+}
+
+impl<'a> PairBatchBuilder<'a> {
+    pub fn new(cols: PairColumns) -> Self {
+        PairBatchBuilder {
+            cols,
+            rows: 0,
+            prompt_id: StringBuilder::new(),
+            pair_id: StringBuilder::new(),
+            prompt: ContentColumn::Empty(0),
+            chosen: ContentColumn::Empty(0),
+            rejected: ContentColumn::Empty(0),
+            score_chosen: Float64Builder::new(),
+            score_rejected: Float64Builder::new(),
+            margin: Float64Builder::new(),
+            tie: BooleanBuilder::new(),
+            rank_chosen: Float64Builder::new(),
+            rank_rejected: Float64Builder::new(),
+            chosen_model: StringBuilder::new(),
+            rejected_model: StringBuilder::new(),
+            chosen_hallucinated: BooleanBuilder::new(),
+            rejected_hallucinated: BooleanBuilder::new(),
+            extra: Vec::new(),
+            any_extra: false,
+        }
+    }
+
+    pub fn append(&mut self, g: &Group<'a>, pairs: &[Pair]) {
+        for p in pairs {
+            let (c, r) = (&g.responses[p.chosen], &g.responses[p.rejected]);
+            self.rows += 1;
+            self.prompt_id.append_value(&g.prompt_id);
+            self.pair_id.append_value(pair_id(&g.prompt_id, &c.content, &r.content));
+            self.prompt.append(&g.prompt);
+            self.chosen.append(&c.content);
+            self.rejected.append(&r.content);
+            self.score_chosen.append_option(c.score);
+            self.score_rejected.append_option(r.score);
+            self.margin.append_value(p.margin);
+            self.tie.append_value(p.tie);
+            self.rank_chosen.append_option(c.rank);
+            self.rank_rejected.append_option(r.rank);
+            self.chosen_model.append_option(c.model.as_deref());
+            self.rejected_model.append_option(r.model.as_deref());
+            self.chosen_hallucinated.append_option(c.hallucinated);
+            self.rejected_hallucinated.append_option(r.hallucinated);
+            self.any_extra |= !g.extra.is_empty();
+            self.extra.push(Value::Object(g.extra.clone()));
+        }
+    }
+
+    pub fn finish(mut self) -> RecordBatch {
+        let mut fields: Vec<Field> = Vec::new();
+        let mut columns: Vec<ArrayRef> = Vec::new();
+        let mut push = |name: &str, array: ArrayRef| {
+            fields.push(Field::new(name, array.data_type().clone(), true));
+            columns.push(array);
+        };
+        push("prompt_id", Arc::new(self.prompt_id.finish()));
+        push("pair_id", Arc::new(self.pair_id.finish()));
+        push("prompt", self.prompt.finish());
+        push("chosen", self.chosen.finish());
+        push("rejected", self.rejected.finish());
+        push("score_chosen", Arc::new(self.score_chosen.finish()));
+        push("score_rejected", Arc::new(self.score_rejected.finish()));
+        push("margin", Arc::new(self.margin.finish()));
+        if self.cols.tie {
+            push("tie", Arc::new(self.tie.finish()));
+        }
+        if self.cols.ranks {
+            push("rank_chosen", Arc::new(self.rank_chosen.finish()));
+            push("rank_rejected", Arc::new(self.rank_rejected.finish()));
+        }
+        if self.cols.models {
+            push("chosen_model", Arc::new(self.chosen_model.finish()));
+            push("rejected_model", Arc::new(self.rejected_model.finish()));
+        }
+        if self.cols.hallucinated {
+            push("chosen_hallucinated", Arc::new(self.chosen_hallucinated.finish()));
+            push("rejected_hallucinated", Arc::new(self.rejected_hallucinated.finish()));
+        }
+        if self.any_extra {
+            let extra = crate::arrow_out::rows_to_batch(&self.extra, TYPE_HINTS);
+            for (f, c) in extra.schema().fields().iter().zip(extra.columns()) {
+                if !is_pair_column(f.name()) {
+                    push(f.name(), c.clone());
+                }
+            }
+        }
+        RecordBatch::try_new_with_options(
+            Arc::new(Schema::new(fields)),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(self.rows)),
+        )
+        .expect("built columns match their schema")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arrow_out::rows_to_batch;
+    use crate::pairs::{make_pairs, PairOptions, Strategy};
+    use crate::stats::Stats;
+
+    fn group(prompt: Content<'static>, texts: Vec<Content<'static>>, extra: crate::model::Fields<'static>) -> Group<'static> {
+        let n = texts.len();
+        Group {
+            prompt_id: Cow::Borrowed("p"),
+            prompt,
+            responses: texts
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let mut r = Response::new(c);
+                    r.score = Some((n - i) as f64);
+                    r.model = (i % 2 == 0).then_some(Cow::Borrowed("m"));
+                    r
+                })
+                .collect(),
+            extra,
+        }
+    }
+
+    fn msgs(text: &'static str) -> Content<'static> {
+        Content::Messages(vec![Message { role: "assistant".into(), content: text.into() }])
+    }
+
+    #[test]
+    fn typed_builder_and_jsonl_writer_match_the_generic_rows() {
+        let extra: crate::model::Fields<'static> =
+            vec![("source".into(), Value::Str("s".into())), ("margin".into(), Value::Int(99)), ("n".into(), Value::Int(1))];
+        let groups = vec![
+            group(Content::Text("p1".into()), vec![Content::Text("a".into()), Content::Text("b".into())], extra.clone()),
+            group(msgs("p2"), vec![msgs("c"), msgs("d"), msgs("e")], vec![]),
+            // Text after messages in the same column: the column becomes JSON text.
+            group(Content::Text("p3".into()), vec![msgs("f"), Content::Text("g".into())], extra),
+        ];
+        let opts = PairOptions { strategy: Strategy::AllPairs, ..Default::default() };
+        for cols in [
+            PairColumns { tie: true, ranks: true, models: true, hallucinated: true },
+            PairColumns { tie: false, ranks: false, models: false, hallucinated: false },
+        ] {
+            let mut typed = PairBatchBuilder::new(cols);
+            let mut rows = Vec::new();
+            let mut jsonl = Vec::new();
+            for g in &groups {
+                let pairs = make_pairs(g, &opts, &mut Stats::default());
+                typed.append(g, &pairs);
+                rows.extend(pairs.iter().map(|p| pair_row(g, p, cols)));
+                write_pairs_jsonl(&mut jsonl, g, &pairs, cols);
+            }
+            assert_eq!(typed.finish(), rows_to_batch(&rows, TYPE_HINTS));
+            let generic: Vec<u8> = rows.iter().flat_map(|r| format!("{}\n", r.to_json()).into_bytes()).collect();
+            assert_eq!(String::from_utf8(jsonl).unwrap(), String::from_utf8(generic).unwrap());
         }
     }
 }

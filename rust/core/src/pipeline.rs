@@ -16,7 +16,7 @@ use crate::error::{Loc, PrepError, Result};
 use crate::formats::{normalise, Format, ReadOptions};
 use crate::io::{read_file, Chunk, ChunkIter, Encoding, Output, Sink};
 use crate::model::Group;
-use crate::output::{grouped_row, pair_row, unpaired_rows, write_pairs_jsonl, OutputKind, PairColumns, TYPE_HINTS};
+use crate::output::{grouped_row, pair_row, unpaired_rows, write_pairs_jsonl, OutputKind, PairBatchBuilder, PairColumns, TYPE_HINTS};
 use crate::pairs::{make_pairs, PairOptions};
 use crate::stats::Stats;
 use crate::value::Value;
@@ -131,6 +131,7 @@ fn first_loc(chunk: &Chunk) -> Loc {
 /// Where a chunk's output rows go: Arrow rows, JSONL text, or only counted (dry run).
 enum Rows<'a> {
     Values(Vec<Value<'a>>),
+    Pairs(PairBatchBuilder<'a>),
     Jsonl(Vec<u8>),
     Counted,
 }
@@ -139,6 +140,7 @@ impl<'a> Rows<'a> {
     fn push(&mut self, row: Value<'a>) {
         match self {
             Rows::Values(v) => v.push(row),
+            Rows::Pairs(_) => unreachable!("pair builders take pairs, not rows"),
             Rows::Jsonl(buf) => {
                 serde_json::to_writer(&mut *buf, &row).expect("writing to a Vec cannot fail");
                 buf.push(b'\n');
@@ -166,6 +168,7 @@ fn emit<'a>(g: &Group<'a>, ctx: &Ctx, stats: &mut Stats, rows: &mut Rows<'a>) {
             stats.rows_written += pairs.len() as u64;
             match rows {
                 Rows::Values(v) => v.extend(pairs.iter().map(|p| pair_row(g, p, ctx.columns))),
+                Rows::Pairs(b) => b.append(g, &pairs),
                 Rows::Jsonl(buf) => write_pairs_jsonl(buf, g, &pairs, ctx.columns),
                 Rows::Counted => {}
             }
@@ -188,6 +191,7 @@ fn process(chunk: Chunk, ctx: &Ctx) -> Result<ChunkOut> {
     let chunk = chunk.prepare().map_err(|m| PrepError::Config(format!("{}: {m}", ctx.source)))?;
     let mut stats = Stats::default();
     let mut rows = match ctx.encoding {
+        Encoding::Arrow if ctx.kind == OutputKind::Pairs => Rows::Pairs(PairBatchBuilder::new(ctx.columns)),
         Encoding::Arrow => Rows::Values(Vec::new()),
         Encoding::Jsonl => Rows::Jsonl(Vec::with_capacity(1 << 20)),
         Encoding::None => Rows::Counted,
@@ -230,6 +234,7 @@ fn process(chunk: Chunk, ctx: &Ctx) -> Result<ChunkOut> {
         match rows {
             Rows::Counted => Payload::Nothing,
             Rows::Values(v) => Payload::Batch(rows_to_batch(&v, TYPE_HINTS)),
+            Rows::Pairs(b) => Payload::Batch(b.finish()),
             Rows::Jsonl(buf) => Payload::Bytes(buf),
         }
     };
