@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Data-prep benchmark: prefops vs a plain-Python loop vs the obvious polars query.
+"""Data-prep benchmark: prefops vs a plain-Python loop vs polars (the obvious explode query
+and a tuned list.eval query), raw UltraFeedback records in, DPO pairs out.
 
 One run generates (or reuses) a synthetic UltraFeedback-style JSONL file, then runs every
 contender in its own fresh subprocess, so each one's peak RSS is its own. See
@@ -248,7 +249,22 @@ def _polars_schema():
                       "models": pl.List(pl.String), "completions": pl.List(comp)})
 
 
-def polars_query(lf, strategy: str):
+PAIR_COLUMNS = ["prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin"]
+
+
+def _finish_pairs(pairs):
+    """Margin, then drop ties: a prompt with one surviving response, or whose best is tied
+    with the other side, makes no pair."""
+    import polars as pl
+
+    return (
+        pairs.with_columns((pl.col("score_chosen") - pl.col("score_rejected")).alias("margin"))
+        .filter(pl.col("margin") > 0)
+        .select(PAIR_COLUMNS)
+    )
+
+
+def polars_explode_query(lf, strategy: str):
     """The obvious lazy query: one row per completion, stable sort by score within the
     prompt, drop repeated texts (first = best kept), then pick pairs."""
     import polars as pl
@@ -262,7 +278,6 @@ def polars_query(lf, strategy: str):
         .sort(["row", "overall_score"], descending=[False, True], maintain_order=True)
         .unique(subset=["row", "response"], keep="first", maintain_order=True)
     )
-    out = ["prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin"]
     if strategy == "best_vs_worst":
         pairs = ranked.group_by("row").agg(
             pl.col("instruction").first().alias("prompt"),
@@ -279,22 +294,46 @@ def polars_query(lf, strategy: str):
             pl.col("overall_score").first().over("row").alias("score_chosen"),
             pl.col("overall_score").alias("score_rejected"),
         )
-    # A single surviving response, or a best tied with the other side, makes no pair.
-    return (
-        pairs.with_columns((pl.col("score_chosen") - pl.col("score_rejected")).alias("margin"))
-        .filter(pl.col("margin") > 0)
-        .select(out)
+    return _finish_pairs(pairs)
+
+
+def polars_list_query(lf, strategy: str):
+    """A tuned query: sort and dedupe inside each row's completions list (list.eval), so
+    no global sort or group_by; rows stay independent and memory stays far lower."""
+    import polars as pl
+
+    score = pl.element().struct.field("overall_score")
+    text = pl.element().struct.field("response")
+    ranked = lf.select(
+        pl.col("instruction").alias("prompt"),
+        pl.col("completions")
+        .list.eval(pl.element().sort_by(score, descending=True, maintain_order=True))
+        .list.eval(pl.element().filter(text.is_first_distinct()))
+        .alias("ranked"),
     )
+    best = pl.col("ranked").list.first().alias("best")
+    if strategy == "best_vs_worst":
+        pairs = ranked.select("prompt", best, pl.col("ranked").list.last().alias("other"))
+    else:
+        pairs = ranked.select("prompt", best, pl.col("ranked").list.slice(1).alias("other")).explode("other")
+    pairs = pairs.select(
+        "prompt",
+        pl.col("best").struct.field("response").alias("chosen"),
+        pl.col("other").struct.field("response").alias("rejected"),
+        pl.col("best").struct.field("overall_score").alias("score_chosen"),
+        pl.col("other").struct.field("overall_score").alias("score_rejected"),
+    )
+    return _finish_pairs(pairs)
 
 
-def run_polars(src: str, dst: str, strategy: str, threads: int) -> int:
+def _run_polars(query, src: str, dst: str, strategy: str) -> int:
     import polars as pl
 
     if src.endswith(".parquet"):
         lf = pl.scan_parquet(src)
     else:
         lf = pl.scan_ndjson(src, schema=_polars_schema())
-    q = polars_query(lf, strategy)
+    q = query(lf, strategy)
     if dst.endswith(".parquet"):
         # snappy, as prefops writes, so codec choice does not decide the comparison.
         q.sink_parquet(dst, compression="snappy")
@@ -303,9 +342,17 @@ def run_polars(src: str, dst: str, strategy: str, threads: int) -> int:
     return -1  # counted from the output file by the driver
 
 
-CONTENDERS = {"prefops": run_prefops, "python": run_python, "polars": run_polars}
-# Import-only baselines: what each contender's interpreter holds before doing any work.
-BASELINE_IMPORTS = {"prefops": "prefops", "python": "json", "polars": "polars"}
+def run_polars(src: str, dst: str, strategy: str, threads: int) -> int:
+    return _run_polars(polars_explode_query, src, dst, strategy)
+
+
+def run_polars_list(src: str, dst: str, strategy: str, threads: int) -> int:
+    return _run_polars(polars_list_query, src, dst, strategy)
+
+
+CONTENDERS = {"prefops": run_prefops, "python": run_python, "polars": run_polars, "polars_list": run_polars_list}
+# The module each contender needs; imported before the clock starts, and alone for import_rss.
+IMPORTS = {"prefops": "prefops", "python": "json", "polars": "polars", "polars_list": "polars"}
 
 
 def peak_rss_kib() -> int:
@@ -322,14 +369,11 @@ def peak_rss_kib() -> int:
 
 def worker(spec: dict) -> None:
     """Run one contender once; print timing, pair count and own peak RSS as one JSON line."""
+    __import__(IMPORTS[spec["contender"]])  # before the clock: time the work, not module loading
     if spec.get("baseline"):
-        __import__(BASELINE_IMPORTS[spec["contender"]])
         seconds, pairs = 0.0, 0
     else:
         fn = CONTENDERS[spec["contender"]]
-        # Imports happen before the clock starts: time the work, not module loading.
-        if spec["contender"] != "python":
-            __import__(spec["contender"])
         t0 = time.perf_counter()
         pairs = fn(spec["input"], spec["output"], spec["strategy"], spec["threads"])
         seconds = time.perf_counter() - t0
@@ -343,7 +387,7 @@ def worker(spec: dict) -> None:
 def launch(spec: dict) -> dict:
     """One fresh interpreter per run, so peak RSS is that run's alone."""
     env = dict(os.environ)
-    if spec["contender"] == "polars":
+    if spec["contender"].startswith("polars"):
         env["POLARS_MAX_THREADS"] = str(spec.get("threads", 2))  # fair on a small machine
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -395,6 +439,29 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def prefops_build() -> str:
+    """Identify the installed prefops extension (version, file size, mtime). Checked at the
+    start and the end: a rebuild in the middle of a run would mix two builds' numbers."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("prefops")
+    if spec is None or not spec.submodule_search_locations:
+        return "prefops not installed"
+    pkg = Path(list(spec.submodule_search_locations)[0])
+    natives = sorted(pkg.glob("_native*"))
+    if not natives:
+        return f"{pkg} (no _native extension found)"
+    st = natives[0].stat()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.st_mtime))
+    try:
+        from importlib.metadata import version
+
+        ver = version("prefops")
+    except Exception:
+        ver = "?"
+    return f"prefops {ver}, {natives[0].name} {st.st_size:,} bytes, built {stamp}"
+
+
 def warm_cache(path: Path) -> None:
     """Read the input once so every contender starts with it in the page cache."""
     with open(path, "rb") as f:
@@ -436,7 +503,7 @@ class Bench:
             "speedup_vs_python": "", "speedup_vs_polars": "", "threads": threads, "cpu_model": self.cpu,
         }
         self.rows.append(row)
-        print(f"  {benchmark:<16} {contender:<8} {strategy:<14} {out_fmt:<8} {prompts:>9,} prompts "
+        print(f"  {benchmark:<16} {contender:<11} {strategy:<14} {out_fmt:<8} {prompts:>9,} prompts "
               f"{pairs:>9,} pairs  {median_s:8.2f} s  {row['peak_rss_mib']:8.1f} MiB", flush=True)
         return row
 
@@ -528,6 +595,7 @@ def main(argv=None):
     p.add_argument("--skip-python", action="store_true", help="do not run the pure-Python contender")
     p.add_argument("--python-prompts", type=int, default=None,
                    help="run pure Python on this many leading prompts only; speed-ups use rows/s")
+    p.add_argument("--skip-polars-list", action="store_true", help="skip the tuned list.eval polars query")
     p.add_argument("--skip-parquet-input", action="store_true", help="skip the Parquet-input cases")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip comparing pair contents (digests) with prefops; counts are always compared")
@@ -552,15 +620,18 @@ def main(argv=None):
         warm_cache(f)
 
     b = Bench(args)
-    print(f"\ncpu: {b.cpu}, {os.cpu_count()} cpus; prefops/polars threads={thr}; repeats={args.repeats}\n", flush=True)
+    build = prefops_build()
+    print(f"\ncpu: {b.cpu}, {os.cpu_count()} cpus; prefops/polars threads={thr}; repeats={args.repeats}")
+    print(f"{build}\n", flush=True)
     for c in ("python", "prefops", "polars"):
         b.baseline(c, 1 if c == "python" else thr)
+    fast = ["prefops", "polars"] + ([] if args.skip_polars_list else ["polars_list"])
 
     # 1. Main case: raw UltraFeedback JSONL in, pairs out.
     for strategy in STRATEGIES:
         for fmt in ("jsonl", "parquet"):
-            b.measure("prep", "prefops", strategy, src, fmt, n, args.repeats, thr)
-            b.measure("prep", "polars", strategy, src, fmt, n, args.repeats, thr)
+            for c in fast:
+                b.measure("prep", c, strategy, src, fmt, n, args.repeats, thr)
         if not args.skip_python:
             b.measure("prep", "python", strategy, py_src, "jsonl", py_n, args.python_repeats, 1)
 
@@ -568,15 +639,18 @@ def main(argv=None):
     if pq_src is not None:
         warm_cache(pq_src)
         for strategy in STRATEGIES:
-            b.measure("prep_parquet_in", "prefops", strategy, pq_src, "parquet", n, args.repeats, thr)
-            b.measure("prep_parquet_in", "polars", strategy, pq_src, "parquet", n, args.repeats, thr)
+            for c in fast:
+                b.measure("prep_parquet_in", c, strategy, pq_src, "parquet", n, args.repeats, thr)
 
-    # 3. Streaming memory: peak RSS at N/4 and N should be about the same for prefops.
-    #    polars is run alongside for contrast.
+    # 3. Streaming memory: a streaming pipeline's peak RSS is the same at N/4 and N.
+    #    prefops JSONL out separates the pipeline from the Parquet writer; polars for contrast.
     for size, f in ((max(n // 4, 1), quarter), (n, src)):
-        for c in ("prefops", "polars"):
-            b.measure("streaming_rss", c, "best_vs_worst", f, "parquet", size, 1, thr)
+        for c, fmt in (("prefops", "parquet"), ("prefops", "jsonl"), ("polars", "parquet")):
+            b.measure("streaming_rss", c, "best_vs_worst", f, fmt, size, 1, thr)
 
+    if prefops_build() != build:
+        print(f"WARNING: prefops was rebuilt during the run (now {prefops_build()}); "
+              "its rows mix two builds, rerun for clean numbers", flush=True)
     b.fill_ratios()
     b.check_pairs()
     print()

@@ -125,3 +125,21 @@ def test_binary_image_columns_are_refused_with_a_hint():
                       "label_0": [1.0], "label_1": [0.0]})
     with pytest.raises(ValueError, match="binary data.*--map image_0_url"):
         prefops.prep(table)
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    src = write_jsonl(tmp_path / "in.jsonl", [GOOD])
+    old = os.umask(0o022)
+    try:
+        for name in ("o.jsonl", "o.parquet", "o.jsonl.gz"):
+            prefops.prep(src, tmp_path / name)
+            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+        from prefops.cli import main
+
+        assert main(["prep", str(src), "-o", str(tmp_path / "c.jsonl"), "--stats", str(tmp_path / "s.json"), "-q"]) == 0
+        assert stat.S_IMODE((tmp_path / "s.json").stat().st_mode) == 0o644
+    finally:
+        os.umask(old)

@@ -359,11 +359,17 @@ fn temp_beside(dest: &Path) -> Result<tempfile::NamedTempFile> {
         return Err(PrepError::Config(format!("{}: output directory does not exist", dir.display())));
     }
     let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("output");
-    tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".partial")
-        .tempfile_in(&dir)
-        .map_err(|e| PrepError::io(&dir, e))
+    let prefix = format!(".{name}.");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".partial");
+    // Temporary files are 0600 by default and would keep that mode after the rename; ask for
+    // 0666 like any new file, so the umask decides as it would for a plain create.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    builder.tempfile_in(&dir).map_err(|e| PrepError::io(&dir, e))
 }
 
 impl Sink {

@@ -102,3 +102,27 @@ fn dry_run_counts_and_skip_invalid_reconciles() {
     assert_eq!(s.pairs_made, 98);
     assert_eq!(s.margin_histogram.counts.iter().sum::<u64>(), 98);
 }
+
+#[cfg(unix)]
+#[test]
+fn output_mode_follows_the_umask_not_the_temp_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    write_lines(&input, &[uf_line(0, &[1.0, 2.0])]);
+    let out = dir.path().join("out.jsonl");
+    prep(Input::File(input), &Output::File(out.clone()), &PrepOptions::default(), NEVER).unwrap();
+    let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+    assert_ne!(mode, 0o600, "output kept the temporary file's private mode");
+    assert_eq!(mode & 0o044, 0o044 & !umask_now(), "mode {mode:o}");
+}
+
+#[cfg(unix)]
+fn umask_now() -> u32 {
+    // Read it back from a freshly created file: 0o666 minus the umask.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("probe");
+    std::fs::File::create(&p).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    !std::fs::metadata(&p).unwrap().permissions().mode() & 0o666
+}
