@@ -16,7 +16,7 @@ use crate::error::{Loc, PrepError, Result};
 use crate::formats::{normalise, Format, ReadOptions};
 use crate::io::{read_file, Chunk, ChunkIter, Encoding, Output, Sink};
 use crate::model::Group;
-use crate::output::{grouped_row, pair_row, unpaired_rows, write_pairs_jsonl, OutputKind, PairBatchBuilder, PairColumns, TYPE_HINTS};
+use crate::output::{grouped_row, unpaired_rows, write_pairs_jsonl, OutputKind, PairBatchBuilder, PairColumns, TYPE_HINTS};
 use crate::pairs::{make_pairs, PairOptions};
 use crate::stats::Stats;
 use crate::value::Value;
@@ -167,7 +167,7 @@ fn emit<'a>(g: &Group<'a>, ctx: &Ctx, stats: &mut Stats, rows: &mut Rows<'a>) {
             }
             stats.rows_written += pairs.len() as u64;
             match rows {
-                Rows::Values(v) => v.extend(pairs.iter().map(|p| pair_row(g, p, ctx.columns))),
+                Rows::Values(_) => unreachable!("Arrow pair output goes through PairBatchBuilder"),
                 Rows::Pairs(b) => b.append(g, &pairs),
                 Rows::Jsonl(buf) => write_pairs_jsonl(buf, g, &pairs, ctx.columns),
                 Rows::Counted => {}
