@@ -1,7 +1,23 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
+
+
+def _use_triton_interpreter_without_gpu() -> None:
+    # Must happen before anything imports triton: kernels then run on CPU tensors.
+    if "TRITON_INTERPRET" in os.environ:
+        return
+    try:
+        import torch
+    except ImportError:
+        return
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+_use_triton_interpreter_without_gpu()
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -9,7 +9,8 @@ def test_installed_wheel_has_extension_python_package_and_kernels():
     names = {str(f) for f in files("prefops")}
     assert any(n.startswith("prefops/_native") and n.endswith((".so", ".pyd")) for n in names), names
     assert "prefops/__init__.py" in names and "prefops/cli.py" in names and "prefops/data.py" in names
-    assert "prefops/kernels/__init__.py" in names
+    assert "prefops/kernels/__init__.py" in names and "prefops/kernels/token_logprobs.py" in names
+    assert "prefops/ops/token_logprobs.py" in names and "prefops/ops/token_logprobs_torch.py" in names
     assert "prefops/samples/hh_harmless_sample.jsonl.gz" in names
 
 
@@ -19,6 +20,13 @@ def test_import_is_cheap_and_gpu_free():
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
+
+
+def test_ops_import_torch_but_not_triton():
+    code = ("import sys, prefops.ops; "
+            "print('torch' in sys.modules, 'triton' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "True False"
 
 
 def test_console_script_is_installed():

@@ -380,6 +380,8 @@ def token_logprobs(
         cd = _torch_impl.compute_dtype(x)
         # Keep the graph connected so .backward() works and gives zero gradients.
         zero = (x.sum() * 0).to(cd) + (w.sum() * 0).to(cd)
+        if bias is not None:
+            zero = zero + (bias.sum() * 0).to(cd)
         logp_s = zero.expand(0)
         ent_s = lsp_s = x.new_zeros(0, dtype=cd)
     else:

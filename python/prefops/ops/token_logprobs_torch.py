@@ -61,7 +61,7 @@ def forward_stats(x, w, b, targets, *, vocab_start=0, temperature=1.0, softcap=N
             n1 = min(n0 + nc, n)
             raw = x[n0:n1].to(cd) @ wc.T
             if bc is not None:
-                raw = raw + bc
+                raw.add_(bc)
             z = _transform(raw, temperature, softcap)
             t = local_t[n0:n1]
             inside = (t >= v0) & (t < v1)
@@ -70,10 +70,10 @@ def forward_stats(x, w, b, targets, *, vocab_start=0, temperature=1.0, softcap=N
             m_old = m[n0:n1]
             m_new = torch.maximum(m_old, z.max(dim=1).values)
             alpha = torch.exp(m_old - m_new)
-            pz = torch.exp(z - m_new[:, None])
-            s[n0:n1] = s[n0:n1] * alpha + pz.sum(1)
             if e is not None:
-                e[n0:n1] = e[n0:n1] * alpha + (pz * z).sum(1)
+                e[n0:n1] = e[n0:n1] * alpha + (torch.exp(z - m_new[:, None]) * z).sum(1)
+            pz = z.sub_(m_new[:, None]).exp_()  # z is not needed after this
+            s[n0:n1] = s[n0:n1] * alpha + pz.sum(1)
             if q is not None:
                 q[n0:n1] = q[n0:n1] * alpha * alpha + (pz * pz).sum(1)
             m[n0:n1] = m_new
@@ -104,15 +104,18 @@ def backward(x, w, b, targets, lse, grad, *, vocab_start=0, temperature=1.0, sof
             xc = x[n0:n1].to(cd)
             raw = xc @ wc.T
             if bc is not None:
-                raw = raw + bc
-            z = _transform(raw, temperature, softcap)
+                raw.add_(bc)
+            # In place where possible: one [token chunk, vocab chunk] block live at a time.
             gc = g[n0:n1]
-            dz = -gc[:, None] * torch.exp(z - lse[n0:n1, None])
+            if softcap is None and temperature == 1.0:
+                dz = raw.sub_(lse[n0:n1, None]).exp_().mul_(-gc[:, None])
+            else:
+                dz = _transform(raw, temperature, softcap).sub_(lse[n0:n1, None]).exp_().mul_(-gc[:, None])
             t = local_t[n0:n1]
             inside = (t >= v0) & (t < v1)
             rows = inside.nonzero().squeeze(1)
             dz[rows, t[rows] - v0] += gc[rows]
-            draw = dz * _raw_grad_scale(raw, temperature, softcap)
+            draw = dz if (softcap is None and temperature == 1.0) else dz.mul_(_raw_grad_scale(raw, temperature, softcap))
             if dx is not None:
                 dx[n0:n1] += draw @ wc
             if dw_acc is not None:

@@ -1,0 +1,46 @@
+"""One rank of the vocab-parallel token_logprobs test (launched twice by the test, gloo on CPU).
+
+Every rank builds the same full problem from a fixed seed, keeps its rows of the vocabulary,
+runs token_logprobs with the process group, back-propagates, and saves what it got.
+"""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from prefops.ops import token_logprobs
+
+N, H, V = 37, 19, 123
+BOUNDS = [0, 62, 123]  # uneven shards on purpose
+
+
+def problem():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, H, generator=g)
+    w = torch.randn(V, H, generator=g) / 4
+    b = torch.randn(V, generator=g)
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::7] = -100
+    upstream = torch.randn(N, generator=g)
+    return x, w, b, t, upstream
+
+
+def main(out_dir: str, backend: str) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    x, w, b, t, upstream = problem()
+    lo, hi = BOUNDS[rank], BOUNDS[rank + 1]
+    xs = x.clone().requires_grad_()
+    ws = w[lo:hi].clone().requires_grad_()
+    bs = b[lo:hi].clone().requires_grad_()
+    out = token_logprobs(xs, ws, t, bias=bs, temperature=0.9, return_entropy=True, return_log_sum_p2=True,
+                         process_group=dist.group.WORLD, vocab_start_index=lo, backend=backend)
+    (out.logps * upstream).sum().backward()
+    torch.save(dict(logps=out.logps, entropy=out.entropy, log_sum_p2=out.log_sum_p2,
+                    dx=xs.grad, dw=ws.grad, db=bs.grad), f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
