@@ -113,15 +113,24 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, e_ptr, q_ptr, zt
 
 
 @triton.jit
-def _raw_grad_tile(raw, z, rv, tgt, lse, g, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
-    """d(loss)/d(raw logits) for one tile given d(loss)/d(logp_target) = g per token."""
+def _raw_grad_tile(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, rn, rv, n_mask, v_mask, H,
+                   stride_x, stride_w, vocab_start, inv_temp, softcap, HAS_BIAS: tl.constexpr,
+                   HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, BN: tl.constexpr,
+                   BV: tl.constexpr, BH: tl.constexpr):
+    """Recompute one logits tile and return (d loss/d raw logits, softmax p, local target ids),
+    given d loss/d logp_target = g per token."""
+    raw, z = _logits_tile(x_ptr, w_ptr, b_ptr, rn, rv, n_mask, v_mask, H, stride_x, stride_w,
+                          inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, PRECISION, BN, BV, BH)
+    tgt = tl.load(tgt_ptr + rn, mask=n_mask, other=-1).to(tl.int64) - vocab_start
+    lse = tl.load(lse_ptr + rn, mask=n_mask, other=0.0)
+    g = tl.load(g_ptr + rn, mask=n_mask, other=0.0)
     p = tl.exp(z - lse[:, None])
     onehot = tl.where(rv.to(tl.int64)[None, :] == tgt[:, None], 1.0, 0.0)
     d = g[:, None] * (onehot - p) * inv_temp
     if HAS_SOFTCAP:
         th = _tanh(raw / softcap)
         d = d * (1.0 - th * th)
-    return d, p
+    return d, p, tgt
 
 
 @triton.jit
@@ -136,12 +145,9 @@ def _logits_grad_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, out_ptr,
     rv = v_lo + pid_v * BV + tl.arange(0, BV)
     n_mask = rn < N
     v_mask = rv < v_hi
-    raw, z = _logits_tile(x_ptr, w_ptr, b_ptr, rn, rv, n_mask, v_mask, H, stride_x, stride_w,
-                          inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, PRECISION, BN, BV, BH)
-    tgt = tl.load(tgt_ptr + rn, mask=n_mask, other=-1).to(tl.int64) - vocab_start
-    lse = tl.load(lse_ptr + rn, mask=n_mask, other=0.0)
-    g = tl.load(g_ptr + rn, mask=n_mask, other=0.0)
-    d, p = _raw_grad_tile(raw, z, rv, tgt, lse, g, inv_temp, softcap, HAS_SOFTCAP)
+    d, p, tgt = _raw_grad_tile(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, rn, rv, n_mask, v_mask, H,
+                               stride_x, stride_w, vocab_start, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP,
+                               PRECISION, BN, BV, BH)
     cols = (rv - v_lo).to(tl.int64)
     tl.store(out_ptr + rn.to(tl.int64)[:, None] * stride_out + cols[None, :],
              d.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & v_mask[None, :])
@@ -159,12 +165,9 @@ def _fused_backward_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dx_ptr,
     rv = pid_v * BV + tl.arange(0, BV)
     n_mask = rn < N
     v_mask = rv < V
-    raw, z = _logits_tile(x_ptr, w_ptr, b_ptr, rn, rv, n_mask, v_mask, H, stride_x, stride_w,
-                          inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, PRECISION, BN, BV, BH)
-    tgt = tl.load(tgt_ptr + rn, mask=n_mask, other=-1).to(tl.int64) - vocab_start
-    lse = tl.load(lse_ptr + rn, mask=n_mask, other=0.0)
-    g = tl.load(g_ptr + rn, mask=n_mask, other=0.0)
-    d, p = _raw_grad_tile(raw, z, rv, tgt, lse, g, inv_temp, softcap, HAS_SOFTCAP)
+    d, p, tgt = _raw_grad_tile(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, rn, rv, n_mask, v_mask, H,
+                               stride_x, stride_w, vocab_start, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP,
+                               PRECISION, BN, BV, BH)
     live = n_mask[:, None] & v_mask[None, :]
     d = tl.where(live, d, 0.0)
     needed = True
