@@ -280,3 +280,20 @@ def test_bad_inputs_are_named():
         token_logprobs(x, w, t, cu_seqlens=torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="backend"):
         token_logprobs(x, w, t, backend="cuda")
+
+
+@pytest.mark.skipif(GPU, reason="checks the CPU-without-interpreter message")
+def test_triton_on_cpu_without_interpreter_says_how_to_enable_it():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from prefops.ops import token_logprobs\n"
+            "try:\n"
+            "    token_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]), backend='triton')\n"
+            "except RuntimeError as e:\n"
+            "    print(e)\n"
+            "print(token_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2])).logps.shape)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert "TRITON_INTERPRET=1" in out and "torch.Size([3])" in out  # auto falls back to the torch path
