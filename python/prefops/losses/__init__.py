@@ -1,0 +1,17 @@
+"""Preference losses. Importing this module imports torch, never triton.
+
+Sequence-level (per-sequence log-probs in): ``dpo_loss`` (every DPO-family loss type),
+``simpo_loss``. Fused (hidden states + lm_head weight in): ``dpo_loss_from_hidden``,
+``simpo_loss_from_hidden``. Helpers for per-token and per-pair weights: ``ld_dpo_weights``,
+``tabpo_diff_weights``, ``wpo_pair_weights``, ``madpo_weights``.
+"""
+
+from prefops.losses.fused import dpo_loss_from_hidden, simpo_loss_from_hidden
+from prefops.losses.pairwise import F_DIVERGENCES, LOSS_TYPES, dpo_loss, madpo_weights, preference_metrics, simpo_loss
+from prefops.losses.token_weights import ld_dpo_weights, tabpo_diff_weights, weighted_sequence_logps, wpo_pair_weights
+
+__all__ = [
+    "F_DIVERGENCES", "LOSS_TYPES", "dpo_loss", "dpo_loss_from_hidden", "ld_dpo_weights", "madpo_weights",
+    "preference_metrics", "simpo_loss", "simpo_loss_from_hidden", "tabpo_diff_weights", "weighted_sequence_logps",
+    "wpo_pair_weights",
+]

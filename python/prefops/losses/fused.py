@@ -1,0 +1,161 @@
+"""Fused preference losses: hidden states + lm_head weight → loss, logits never materialised.
+
+    loss, metrics = dpo_loss_from_hidden(hidden, lm_head.weight, targets,
+                                         ref_chosen_logps=rc, ref_rejected_logps=rr, beta=0.1)
+
+Batch layout (TRL's concatenated batch): ``hidden`` [2B, T, H] and ``targets`` [2B, T], rows
+[0, B) the chosen responses and [B, 2B) the rejected ones; ``targets`` holds the token each
+hidden state predicts (already shifted) and ``ignore_index`` off the completion. Per-token
+log-probs come from ``prefops.ops.token_logprobs`` (Triton on a GPU, chunked torch elsewhere);
+per-token weights (LD-DPO, TAB-PO, TGDPO, user weights) are applied in the per-sequence
+reduction; the pair epilogue is ``prefops.losses.pairwise``.
+
+The reference comes from precomputed per-sequence log-probs (``ref_chosen_logps`` /
+``ref_rejected_logps``), from the reference model's hidden states (``ref_hidden``, with
+``ref_weight`` or the policy's weight, no gradient), or is absent (reference-free).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from prefops.losses.pairwise import dpo_loss, simpo_loss
+from prefops.losses.token_weights import ld_dpo_weights, weighted_sequence_logps, wpo_pair_weights
+from prefops.ops.token_logprobs import token_logprobs
+
+__all__ = ["dpo_loss_from_hidden", "simpo_loss_from_hidden", "PolicyLogps", "policy_logps"]
+
+
+class PolicyLogps:
+    """Per-token and per-sequence log-probs of a [2B, T] chosen-then-rejected batch."""
+
+    def __init__(self, token_logps, mask, log_sum_p2=None):
+        self.token_logps = token_logps  # [2B, T], 0 off the completion
+        self.mask = mask  # [2B, T] bool
+        self.log_sum_p2 = log_sum_p2
+        self.lengths = mask.sum(dim=1).to(token_logps.dtype)
+
+    def sequence(self, weights=None, normalize=False):
+        w = self.mask.to(self.token_logps.dtype) if weights is None else weights
+        return weighted_sequence_logps(self.token_logps, w, normalize)
+
+    def halves(self, x):
+        return x.chunk(2, dim=0)
+
+
+def policy_logps(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0, logit_softcap=None,
+                 return_log_sum_p2=False, backend="auto", chunk_elements=None) -> PolicyLogps:
+    if hidden.dim() != 3 or targets.dim() != 2:
+        raise ValueError(f"fused losses take hidden [2B, T, H] and targets [2B, T], got {tuple(hidden.shape)} "
+                         f"and {tuple(targets.shape)}")
+    if hidden.shape[0] % 2:
+        raise ValueError(f"the batch must hold chosen then rejected rows (2B rows), got {hidden.shape[0]}")
+    out = token_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index, temperature=temperature,
+                         logit_softcap=logit_softcap, return_log_sum_p2=return_log_sum_p2, backend=backend,
+                         chunk_elements=chunk_elements)
+    return PolicyLogps(out.logps, targets != ignore_index, out.log_sum_p2)
+
+
+def _token_weights(pl: PolicyLogps, token_weights, ld_alpha):
+    w = pl.mask.to(pl.token_logps.dtype)
+    if token_weights is not None:
+        w = w * token_weights.to(w.dtype)
+    if ld_alpha is not None:
+        w = w * ld_dpo_weights(pl.mask, ld_alpha).to(w.dtype)
+    return w
+
+
+def dpo_loss_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    ref_chosen_logps: Optional[torch.Tensor] = None,
+    ref_rejected_logps: Optional[torch.Tensor] = None,
+    ref_hidden: Optional[torch.Tensor] = None,
+    ref_weight: Optional[torch.Tensor] = None,
+    ref_bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    logit_softcap: Optional[float] = None,
+    token_weights: Optional[torch.Tensor] = None,
+    normalize_token_weights: bool = False,
+    ld_alpha: Optional[float] = None,
+    ld_alpha_reference: bool = True,
+    use_wpo_weighting: bool = False,
+    sample_weights: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    chunk_elements: Optional[int] = None,
+    **loss_kwargs,
+):
+    """DPO-family loss straight from the last hidden states; see ``prefops.losses.dpo_loss`` for
+    ``beta``, ``loss_type`` (one or a list, with ``loss_weights``), ``label_smoothing``,
+    ``f_divergence`` and the rest of ``loss_kwargs``.
+
+    Args:
+        token_weights: [2B, T] per-token weights inside S(y) = Σ w_t·logp_t (TAB-PO, TGDPO-style,
+            any user weights); the same weights are applied to the reference.
+        normalize_token_weights: S(y) = Σ w·logp / Σ w (TAB-PO's s(y)).
+        ld_alpha: LD-DPO: tokens past the shorter completion of the pair weigh α.
+        ld_alpha_reference: apply LD-DPO to the reference too (TRL does; the original
+            implementation did not). Only applies to ``ref_hidden``.
+        use_wpo_weighting: WPO: each pair's loss × w(y_w)·w(y_l) (no gradient).
+        sample_weights: [B] per-pair weights (curriculum, MADPO, Sem-DPO, ...).
+
+    Returns:
+        (loss, metrics) with TRL-named, detached metrics.
+    """
+    pl = policy_logps(hidden, weight, targets, bias=bias, ignore_index=ignore_index, temperature=temperature,
+                      logit_softcap=logit_softcap, return_log_sum_p2=use_wpo_weighting, backend=backend,
+                      chunk_elements=chunk_elements)
+    w = _token_weights(pl, token_weights, ld_alpha)
+    chosen, rejected = pl.halves(pl.sequence(w, normalize_token_weights))
+
+    if ref_hidden is not None:
+        if ref_chosen_logps is not None or ref_rejected_logps is not None:
+            raise ValueError("pass the reference as ref_hidden or as ref_chosen_logps/ref_rejected_logps, not both")
+        with torch.no_grad():
+            ref = policy_logps(ref_hidden, ref_weight if ref_weight is not None else weight, targets, bias=ref_bias,
+                               ignore_index=ignore_index, temperature=temperature, logit_softcap=logit_softcap,
+                               backend=backend, chunk_elements=chunk_elements)
+            rw = _token_weights(ref, token_weights, ld_alpha if ld_alpha_reference else None)
+            ref_chosen_logps, ref_rejected_logps = ref.halves(ref.sequence(rw, normalize_token_weights))
+    elif (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither")
+
+    loss_types = loss_kwargs.get("loss_type", "sigmoid")
+    loss_types = [loss_types] if isinstance(loss_types, str) else list(loss_types)
+    if "sft" in loss_types:
+        cm, _ = pl.halves(pl.mask)
+        ct, _ = pl.halves(pl.token_logps)
+        loss_kwargs["chosen_token_logps_mean"] = ct[cm].mean()
+    if use_wpo_weighting:
+        wpo = wpo_pair_weights(pl.token_logps, pl.log_sum_p2, pl.mask)
+        sample_weights = wpo if sample_weights is None else sample_weights * wpo
+    chosen_lengths, rejected_lengths = pl.halves(pl.lengths)
+    return dpo_loss(chosen, rejected, ref_chosen_logps, ref_rejected_logps, chosen_lengths=chosen_lengths,
+                    rejected_lengths=rejected_lengths, sample_weights=sample_weights, **loss_kwargs)
+
+
+def simpo_loss_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    logit_softcap: Optional[float] = None,
+    backend: str = "auto",
+    chunk_elements: Optional[int] = None,
+    **loss_kwargs,
+):
+    """SimPO straight from the last hidden states (no reference); see ``prefops.losses.simpo_loss``."""
+    pl = policy_logps(hidden, weight, targets, bias=bias, ignore_index=ignore_index, temperature=temperature,
+                      logit_softcap=logit_softcap, backend=backend, chunk_elements=chunk_elements)
+    chosen, rejected = pl.halves(pl.sequence())
+    chosen_lengths, rejected_lengths = pl.halves(pl.lengths)
+    return simpo_loss(chosen, rejected, chosen_lengths, rejected_lengths, **loss_kwargs)

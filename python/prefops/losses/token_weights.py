@@ -1,0 +1,71 @@
+"""Per-token weights and per-pair weights computed from token-level quantities.
+
+Batch layout everywhere in prefops' fused losses: rows [0, B) are the chosen responses and rows
+[B, 2B) the rejected ones (TRL's concatenated batch); ``mask`` is 1 on completion tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ld_dpo_weights", "tabpo_diff_weights", "wpo_pair_weights", "weighted_sequence_logps"]
+
+
+def _halves(x: torch.Tensor):
+    if x.shape[0] % 2:
+        raise ValueError(f"expected a [2B, ...] batch of chosen then rejected rows, got {x.shape[0]} rows")
+    return x.chunk(2, dim=0)
+
+
+def ld_dpo_weights(mask: torch.Tensor, alpha: float) -> torch.Tensor:
+    """LD-DPO: completion token k (k = cumsum of the mask) weighs 1 while k ≤ min(|y_w|, |y_l|) of
+    its pair, α after; 0 off the completion. ``mask`` is [2B, T]; returns [2B, T]."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"ld_alpha must be in [0, 1], got {alpha}")
+    m = mask.to(torch.float32)
+    pos = m.cumsum(dim=1)
+    lens = m.sum(dim=1)
+    lc, lr = _halves(lens)
+    shared = torch.minimum(lc, lr).repeat(2)[:, None]
+    return m * torch.where(pos <= shared, torch.ones_like(pos), torch.full_like(pos, alpha))
+
+
+def tabpo_diff_weights(targets: torch.Tensor, mask: torch.Tensor, factor: float = 1.2) -> torch.Tensor:
+    """TAB-PO token weights: 1 on completion tokens, × ``factor`` where the chosen and rejected
+    completions hold different token ids at the same completion position (aligned by k, the
+    index within the completion; positions past the shorter completion count as different).
+    ``targets`` and ``mask`` are [2B, T]; returns [2B, T] float weights (0 off the completion)."""
+    m = mask.bool()
+    B2, T = targets.shape
+    pos = m.long().cumsum(dim=1) - 1  # completion index of each token (valid where m)
+    lens = m.sum(dim=1)
+    max_len = int(lens.max()) if B2 else 0
+    # Completion tokens packed to the left: [2B, max_len], -1 beyond each completion.
+    packed = torch.full((B2, max(max_len, 1)), -1, dtype=torch.long, device=targets.device)
+    rows = torch.arange(B2, device=targets.device)[:, None].expand(B2, T)
+    packed[rows[m], pos[m]] = targets[m].long()
+    pc, pr = _halves(packed)
+    differs = (pc != pr).repeat(2, 1)  # [2B, max_len], symmetric for the pair
+    w = torch.zeros(B2, T, dtype=torch.float32, device=targets.device)
+    w[m] = torch.where(differs[rows[m], pos[m]], factor, 1.0).to(torch.float32)
+    return w
+
+
+@torch.no_grad()
+def wpo_pair_weights(token_logps: torch.Tensor, log_sum_p2: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """WPO (TRL ``use_weighting``): w(y) = exp(mean over completion tokens of logp − log Σ_v p_v²),
+    per pair w(y_w)·w(y_l), without gradient. Inputs [2B, T]; returns [B]."""
+    m = mask.to(token_logps.dtype)
+    mean = ((token_logps - log_sum_p2) * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+    wc, wr = _halves(torch.exp(mean))
+    return wc * wr
+
+
+def weighted_sequence_logps(token_logps: torch.Tensor, weights: torch.Tensor, normalize: bool = False):
+    """Σ_t w_t·logp_t per row, or Σ w·logp / Σ w with ``normalize`` (0 for rows without weight)."""
+    w = weights.to(token_logps.dtype)
+    total = (token_logps * w).sum(dim=1)
+    if not normalize:
+        return total
+    wsum = w.sum(dim=1)
+    return total / torch.where(wsum == 0, torch.ones_like(wsum), wsum)
