@@ -45,7 +45,8 @@ def _tanh(x):
 @triton.jit
 def _logits_tile(x_ptr, w_ptr, b_ptr, rn, rv, n_mask, v_mask, H, stride_x, stride_w,
                  inv_temp, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                 PRECISION: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr):
+                 PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr,
+                 BH: tl.constexpr):
     """(raw, z): the [BN, BV] raw logits and transformed logits of one tile, fp32."""
     rn64 = rn.to(tl.int64)
     rv64 = rv.to(tl.int64)
@@ -57,6 +58,9 @@ def _logits_tile(x_ptr, w_ptr, b_ptr, rn, rv, n_mask, v_mask, H, stride_x, strid
                      mask=n_mask[:, None] & h_mask[None, :], other=0.0)
         wb = tl.load(w_ptr + rv64[:, None] * stride_w + rh[None, :],
                      mask=v_mask[:, None] & h_mask[None, :], other=0.0)
+        if DOT_FP32:
+            xb = xb.to(tl.float32)
+            wb = wb.to(tl.float32)
         acc = tl.dot(xb, tl.trans(wb), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rv, mask=v_mask, other=0.0).to(tl.float32)[None, :]
@@ -71,7 +75,7 @@ def _logits_tile(x_ptr, w_ptr, b_ptr, rn, rv, n_mask, v_mask, H, stride_x, strid
 def _forward_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, e_ptr, q_ptr, zt_ptr,
                     N, V, H, stride_x, stride_w, v_per_split, vocab_start, inv_temp, softcap,
                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-                    WITH_SUMSQ: tl.constexpr, PRECISION: tl.constexpr,
+                    WITH_SUMSQ: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
                     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -89,7 +93,7 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, e_ptr, q_ptr, zt
         rv = v0 + tl.arange(0, BV)
         v_mask = rv < v_end
         raw, z = _logits_tile(x_ptr, w_ptr, b_ptr, rn, rv, n_mask, v_mask, H, stride_x, stride_w,
-                              inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, PRECISION, BN, BV, BH)
+                              inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, PRECISION, DOT_FP32, BN, BV, BH)
         z = tl.where(v_mask[None, :], z, float("-inf"))
         hit = (rv.to(tl.int64)[None, :] == tgt[:, None]) & v_mask[None, :]
         zt += tl.sum(tl.where(hit, z, 0.0), axis=1)
@@ -115,12 +119,12 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, e_ptr, q_ptr, zt
 @triton.jit
 def _raw_grad_tile(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, rn, rv, n_mask, v_mask, H,
                    stride_x, stride_w, vocab_start, inv_temp, softcap, HAS_BIAS: tl.constexpr,
-                   HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, BN: tl.constexpr,
-                   BV: tl.constexpr, BH: tl.constexpr):
+                   HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+                   BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr):
     """Recompute one logits tile and return (d loss/d raw logits, softmax p, local target ids),
     given d loss/d logp_target = g per token."""
     raw, z = _logits_tile(x_ptr, w_ptr, b_ptr, rn, rv, n_mask, v_mask, H, stride_x, stride_w,
-                          inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, PRECISION, BN, BV, BH)
+                          inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, PRECISION, DOT_FP32, BN, BV, BH)
     tgt = tl.load(tgt_ptr + rn, mask=n_mask, other=-1).to(tl.int64) - vocab_start
     lse = tl.load(lse_ptr + rn, mask=n_mask, other=0.0)
     g = tl.load(g_ptr + rn, mask=n_mask, other=0.0)
@@ -138,7 +142,7 @@ def _logits_grad_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, out_ptr,
                         N, H, stride_x, stride_w, stride_out, v_lo, v_hi, vocab_start,
                         inv_temp, softcap,
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
-                        BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr):
+                        DOT_FP32: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -147,7 +151,7 @@ def _logits_grad_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, out_ptr,
     v_mask = rv < v_hi
     d, p, tgt = _raw_grad_tile(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, rn, rv, n_mask, v_mask, H,
                                stride_x, stride_w, vocab_start, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP,
-                               PRECISION, BN, BV, BH)
+                               PRECISION, DOT_FP32, BN, BV, BH)
     cols = (rv - v_lo).to(tl.int64)
     tl.store(out_ptr + rn.to(tl.int64)[:, None] * stride_out + cols[None, :],
              d.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & v_mask[None, :])
@@ -157,8 +161,8 @@ def _logits_grad_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, out_ptr,
 def _fused_backward_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dx_ptr, dw_ptr, db_ptr,
                            N, V, H, stride_x, stride_w, vocab_start, inv_temp, softcap, filter_eps,
                            HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr,
-                           PRECISION: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr,
-                           BH: tl.constexpr):
+                           PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BN: tl.constexpr,
+                           BV: tl.constexpr, BH: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -167,7 +171,7 @@ def _fused_backward_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dx_ptr,
     v_mask = rv < V
     d, p, tgt = _raw_grad_tile(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, rn, rv, n_mask, v_mask, H,
                                stride_x, stride_w, vocab_start, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP,
-                               PRECISION, BN, BV, BH)
+                               PRECISION, DOT_FP32, BN, BV, BH)
     live = n_mask[:, None] & v_mask[None, :]
     d = tl.where(live, d, 0.0)
     needed = True
@@ -187,6 +191,10 @@ def _fused_backward_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dx_ptr,
                          mask=n_mask[:, None] & h_mask[None, :], other=0.0)
             wb = tl.load(w_ptr + rv64[:, None] * stride_w + rh[None, :],
                          mask=v_mask[:, None] & h_mask[None, :], other=0.0)
+            if DOT_FP32:
+                xb = xb.to(tl.float32)
+                wb = wb.to(tl.float32)
+                dc = dc.to(tl.float32)
             dx = tl.dot(dc, wb, input_precision=PRECISION)
             tl.atomic_add(dx_ptr + rn64[:, None] * H + rh[None, :], dx,
                           mask=n_mask[:, None] & h_mask[None, :])
@@ -233,6 +241,9 @@ def _common(x, w, b, temperature, softcap):
         stride_x=x.stride(0), stride_w=w.stride(0), inv_temp=1.0 / float(temperature),
         softcap=float(softcap) if softcap is not None else 1.0,
         HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, PRECISION=_precision(x),
+        # The interpreter's tl.dot mishandles 16-bit floats: feed it the same values as fp32
+        # (bf16/fp16 products are exact in fp32, so the math matches the GPU's fp32 accumulation).
+        DOT_FP32=_interpreting() and x.dtype != torch.float32,
     )
 
 

@@ -1,7 +1,7 @@
 """token_logprobs against a float64 full-softmax oracle: values, gradients, reductions, options.
 
 Both backends run here. Without a GPU the Triton kernels run under TRITON_INTERPRET=1 (set in
-conftest) on CPU tensors, in fp32 at small shapes; with a GPU they run natively, in bf16 too.
+conftest) on CPU tensors at small shapes; with a GPU they run natively.
 """
 
 import math
@@ -46,13 +46,9 @@ def make(n, h, v, dtype=torch.float32, bias=False, scale=1.0, seed=0, ignore_fra
     return x, w, b, t.to(DEVICE)
 
 
-def dtypes_for(backend):
-    if backend == "triton" and not GPU:
-        return [torch.float32]  # the interpreter covers correctness in fp32
-    return [torch.float32, torch.bfloat16]
-
-
-CASES = [(be, dt) for be in BACKENDS for dt in dtypes_for(be)]
+# bf16 runs through the Triton kernels under the interpreter too (its tl.dot gets fp32 copies of
+# the bf16 values; loads, casts, stores and atomics stay bf16).
+CASES = [(be, dt) for be in BACKENDS for dt in (torch.float32, torch.bfloat16)]
 
 
 def tol(dtype):
@@ -66,7 +62,12 @@ def grads_vs_oracle(out_logps, ref_logps, tensors, ref_tensors, dtype, seed=1):
     want = torch.autograd.grad((ref_logps * g.double()).sum(), ref_tensors)
     for a, e in zip(got, want):
         assert a.dtype == dtype
-        torch.testing.assert_close(a.double(), e, **tol(dtype))
+        if dtype == torch.float32:
+            torch.testing.assert_close(a.double(), e, **tol(dtype))
+        else:
+            # bf16: d(logits) is rounded to bf16 before the two backward GEMMs (as TRL's and CCE's
+            # bf16 paths do), so entries far below the largest one carry that absolute error.
+            torch.testing.assert_close(a.double(), e, atol=2**-7 * float(e.abs().max()), rtol=1.6e-2)
 
 
 def as_f64(*tensors):
