@@ -145,7 +145,7 @@ def test_bad_loss_arguments():
 # ---- fused path: hidden states → loss ----
 
 
-def fused_batch(B=3, T=9, H=16, V=50, seed=0, dtype=torch.float32):
+def fused_batch(B=3, T=9, H=16, V=50, seed=0, dtype=torch.float32):  # noqa: N803
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(2 * B, T, H, generator=g).to(dtype).requires_grad_()
     weight = (torch.randn(V, H, generator=g) / 4).to(dtype).requires_grad_()
@@ -234,3 +234,79 @@ def test_fused_simpo_equals_sequence_simpo(backend):
     s, L = lp.sum(1), mask.sum(1)
     want = simpo_loss(s[:B], s[B:], L[:B], L[B:])[0]
     torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tgdpo_token_guidance_formula(backend):
+    from prefops.losses import tgdpo_token_weights
+
+    hidden, weight, ref_hidden, targets = fused_batch(seed=13)
+    g = torch.Generator().manual_seed(14)
+    rm_hidden = ref_hidden + 0.2 * torch.randn(ref_hidden.shape, generator=g)
+    mask = targets != -100
+    rm_tok = oracle_logps(rm_hidden.double(), weight.detach().double(), targets)
+    ref_tok = oracle_logps(ref_hidden.double(), weight.detach().double(), targets)
+    alpha, beta = 0.5, 0.1
+    w = tgdpo_token_weights(rm_tok, ref_tok, mask, alpha=alpha, beta=beta)
+    loss, _ = dpo_loss_from_hidden(hidden, weight, targets, ref_hidden=ref_hidden, token_weights=w, beta=beta,
+                                   backend=backend)
+    lp = oracle_logps(hidden.detach().double(), weight.detach().double(), targets)
+    d = (lp - ref_tok) * mask
+    r_hat = (rm_tok - ref_tok)
+    B = targets.shape[0] // 2
+    inner = (beta * (1 + alpha * beta * r_hat[:B]) * d[:B]).sum(1) - (beta * (1 - alpha * beta * r_hat[B:]) * d[B:]).sum(1)
+    want = (-F.logsigmoid(inner)).mean()
+    torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tabpo_loss_formula(backend):
+    from prefops.losses import TABPOLoss
+
+    hidden, weight, ref_hidden, targets = fused_batch(seed=15, V=12)
+    weight = (weight.detach() * 6).requires_grad_()
+    # Every other chosen token becomes the model's top choice, so the barrier gate (logp < log τ)
+    # is open on some tokens and shut on others.
+    top = (hidden.detach() @ weight.detach().T).argmax(-1)
+    B = targets.shape[0] // 2
+    sel = (targets[:B] != -100) & (torch.arange(targets.shape[1]) % 2 == 0)
+    targets[:B][sel] = top[:B][sel]
+    mask = targets != -100
+    tw = tabpo_diff_weights(targets, mask)
+    loss, metrics = TABPOLoss(beta=0.5, tau=0.66, barrier_weight=0.5, backend=backend)(
+        hidden, weight, targets, token_weights=tw, ref_hidden=ref_hidden)
+    hd, wd = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    lp = oracle_logps(hd, wd, targets)
+    ref = oracle_logps(ref_hidden.double(), weight.detach().double(), targets)
+    w = tw.double() * mask
+    s, rs = (lp * w).sum(1) / w.sum(1), (ref * w).sum(1) / w.sum(1)
+    l_dpo = -F.logsigmoid(0.5 * ((s[:B] - s[B:]) - (rs[:B] - rs[B:])))
+    barriers, gates = [], []
+    for i in range(B):
+        m = mask[i]
+        wt = w[i][m] / w[i][m].mean()
+        gate = (lp[i][m] < math.log(0.66)).double()
+        gates.append(gate)
+        barriers.append((-lp[i][m] * wt * gate).sum() / torch.clamp((wt * gate).sum(), min=1.0))
+    all_gates = torch.cat(gates)
+    assert 0 < all_gates.sum() < all_gates.numel()
+    want = l_dpo.mean() + 0.5 * torch.stack(barriers).mean()
+    torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
+    got = torch.autograd.grad(loss, [hidden, weight])
+    for a, e in zip(got, torch.autograd.grad(want, [hd, wd])):
+        torch.testing.assert_close(a.double(), e, atol=1e-5, rtol=1e-4)
+    assert "barrier" in metrics and "rewards/accuracies" in metrics
+
+
+def test_module_forms_equal_functional_and_refuse_double_options():
+    from prefops.losses import DPOLoss
+
+    hidden, weight, ref_hidden, targets = fused_batch(seed=16)
+    mod = DPOLoss(beta=0.2, loss_type="ipo", backend="torch")
+    a, _ = mod(hidden, weight, targets, ref_hidden=ref_hidden)
+    b, _ = dpo_loss_from_hidden(hidden, weight, targets, ref_hidden=ref_hidden, beta=0.2, loss_type="ipo",
+                                backend="torch")
+    assert a.item() == b.item()
+    assert "beta=0.2" in repr(mod)
+    with pytest.raises(TypeError, match="configured with"):
+        mod(hidden, weight, targets, beta=0.3)

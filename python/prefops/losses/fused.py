@@ -25,7 +25,7 @@ from prefops.losses.pairwise import dpo_loss, simpo_loss
 from prefops.losses.token_weights import ld_dpo_weights, weighted_sequence_logps, wpo_pair_weights
 from prefops.ops.token_logprobs import token_logprobs
 
-__all__ = ["dpo_loss_from_hidden", "simpo_loss_from_hidden", "PolicyLogps", "policy_logps"]
+__all__ = ["dpo_loss_from_hidden", "simpo_loss_from_hidden", "tabpo_loss_from_hidden", "PolicyLogps", "policy_logps"]
 
 
 class PolicyLogps:
@@ -89,6 +89,7 @@ def dpo_loss_from_hidden(
     sample_weights: Optional[torch.Tensor] = None,
     backend: str = "auto",
     chunk_elements: Optional[int] = None,
+    _return_policy: bool = False,
     **loss_kwargs,
 ):
     """DPO-family loss straight from the last hidden states; see ``prefops.losses.dpo_loss`` for
@@ -136,8 +137,9 @@ def dpo_loss_from_hidden(
         wpo = wpo_pair_weights(pl.token_logps, pl.log_sum_p2, pl.mask)
         sample_weights = wpo if sample_weights is None else sample_weights * wpo
     chosen_lengths, rejected_lengths = pl.halves(pl.lengths)
-    return dpo_loss(chosen, rejected, ref_chosen_logps, ref_rejected_logps, chosen_lengths=chosen_lengths,
-                    rejected_lengths=rejected_lengths, sample_weights=sample_weights, **loss_kwargs)
+    loss, metrics = dpo_loss(chosen, rejected, ref_chosen_logps, ref_rejected_logps, chosen_lengths=chosen_lengths,
+                             rejected_lengths=rejected_lengths, sample_weights=sample_weights, **loss_kwargs)
+    return (loss, (metrics, pl)) if _return_policy else (loss, metrics)
 
 
 def simpo_loss_from_hidden(
@@ -159,3 +161,46 @@ def simpo_loss_from_hidden(
     chosen, rejected = pl.halves(pl.sequence())
     chosen_lengths, rejected_lengths = pl.halves(pl.lengths)
     return simpo_loss(chosen, rejected, chosen_lengths, rejected_lengths, **loss_kwargs)
+
+
+def tabpo_loss_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    token_weights: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    ref_bias: Optional[torch.Tensor] = None,
+    beta: float = 0.5,
+    tau: float = 0.66,
+    barrier_weight: float = 0.5,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    logit_softcap: Optional[float] = None,
+    backend: str = "auto",
+    chunk_elements: Optional[int] = None,
+):
+    """TAB-PO: token-weighted DPO on s(y) = Σ w·logp / Σ w (policy and reference alike) plus a
+    confidence-gated barrier on the chosen responses:
+    B = Σ(−logp_t)·w̃_t·g_t / max(Σ w̃_t·g_t, 1), g_t = 1[logp_t < log τ], w̃ the weights scaled
+    to mean 1 over each response's valid tokens; total = mean(L_dpo) + barrier_weight·mean(B).
+    ``token_weights``: [2B, T] raw weights (``tabpo_diff_weights``, span weights, ...)."""
+    loss_dpo, metrics = dpo_loss_from_hidden(
+        hidden, weight, targets, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
+        token_weights=token_weights, normalize_token_weights=True, beta=beta, ignore_index=ignore_index,
+        temperature=temperature, logit_softcap=logit_softcap, backend=backend, chunk_elements=chunk_elements,
+        _return_policy=True)
+    loss_dpo, metrics, pl = loss_dpo, metrics[0], metrics[1]
+    mask_c, _ = pl.halves(pl.mask)
+    lp_c, _ = pl.halves(pl.token_logps)
+    w_c, _ = pl.halves(token_weights.to(lp_c.dtype) * pl.mask.to(lp_c.dtype))
+    valid = mask_c.to(lp_c.dtype)
+    mean_w = w_c.sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1.0)
+    w_tilde = w_c / torch.where(mean_w == 0, torch.ones_like(mean_w), mean_w)
+    gate = ((lp_c.detach() < torch.log(torch.tensor(tau, dtype=lp_c.dtype))) & mask_c).to(lp_c.dtype)
+    barrier = ((-lp_c) * w_tilde * gate).sum(1) / (w_tilde * gate).sum(1).clamp(min=1.0)
+    metrics["barrier"] = barrier.detach().mean()
+    metrics["loss/dpo"] = loss_dpo.detach()
+    return loss_dpo + barrier_weight * barrier.mean(), metrics

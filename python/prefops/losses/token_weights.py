@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ld_dpo_weights", "tabpo_diff_weights", "wpo_pair_weights", "weighted_sequence_logps"]
+__all__ = ["ld_dpo_weights", "tabpo_diff_weights", "tgdpo_token_weights", "wpo_pair_weights", "weighted_sequence_logps"]
 
 
 def _halves(x: torch.Tensor):
@@ -69,3 +69,16 @@ def weighted_sequence_logps(token_logps: torch.Tensor, weights: torch.Tensor, no
         return total
     wsum = w.sum(dim=1)
     return total / torch.where(wsum == 0, torch.ones_like(wsum), wsum)
+
+
+@torch.no_grad()
+def tgdpo_token_weights(reward_token_logps: torch.Tensor, ref_token_logps: torch.Tensor, mask: torch.Tensor, *,
+                        alpha: float = 0.5, beta: float = 0.1) -> torch.Tensor:
+    """TGDPO token guidance: r̂_t = rm_t − ref_t from a frozen token-level reward model (any
+    DPO-trained model); weights 1 + αβ·r̂_t on the chosen rows and 1 − αβ·r̂_t on the rejected rows,
+    detached, 0 off the completion. With ``dpo_loss_from_hidden(token_weights=...)`` and a
+    per-token reference (``ref_hidden``) this gives −log σ(Σ β(1+αβ r̂ʷ)Δʷ − Σ β(1−αβ r̂ˡ)Δˡ)."""
+    r_hat = (reward_token_logps - ref_token_logps).float()
+    rc, rr = _halves(r_hat)
+    w = torch.cat([1 + alpha * beta * rc, 1 - alpha * beta * rr], dim=0)
+    return w * mask.to(w.dtype)
