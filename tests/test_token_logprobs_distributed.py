@@ -1,4 +1,5 @@
-"""Vocab-parallel token_logprobs (weight sharded over 2 gloo ranks on CPU) equals the unsharded op."""
+"""Distributed behaviour on 2 gloo ranks (CPU): vocab-parallel token_logprobs equals the unsharded op;
+KTO and BCO batch statistics are synchronised."""
 
 import os
 import socket
@@ -54,3 +55,28 @@ def test_vocab_parallel_equals_unsharded(tmp_path, backend):
     for got, (lo, hi) in zip(ranks, lo_hi):
         torch.testing.assert_close(got["dw"], w.grad[lo:hi], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got["db"], b.grad[lo:hi], atol=1e-5, rtol=1e-5)
+
+
+def test_kto_kl_and_bco_delta_are_the_same_on_every_rank(tmp_path):
+    import json
+
+    import unpaired_sync_worker as uw
+
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+        procs.append(subprocess.Popen([sys.executable, str(HERE / "unpaired_sync_worker.py"), str(tmp_path / "out")],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out
+    got = [json.loads((tmp_path / f"out.rank{r}").read_text()) for r in range(2)]
+    data = [uw.rank_data(r) for r in range(2)]
+    # KTO: the mean over ranks of each rank's mean KL estimate (TRL's gather-then-mean), clamped at 0.
+    kl = max(sum(float((d["KS"] - d["KR"]).mean()) for d in data) / 2, 0.0)
+    # BCO: the mean of every reward of every rank.
+    rewards = torch.cat([0.1 * (d["S"] - d["R"]) for d in data])
+    for g in got:
+        assert g["kl"] == pytest.approx(kl, rel=1e-12)
+        assert g["delta"] == pytest.approx(float(rewards.mean()), rel=1e-12)
