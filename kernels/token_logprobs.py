@@ -43,6 +43,22 @@ def _tanh(x):
 
 
 @triton.jit
+def _load_x_w(x_ptr, w_ptr, rn64, rv64, n_mask, v_mask, h0, H, stride_x, stride_w,
+              DOT_FP32: tl.constexpr, BH: tl.constexpr):
+    """One [BN, BH] block of hidden rows and one [BV, BH] block of weight rows (zeros outside)."""
+    rh = h0 + tl.arange(0, BH)
+    h_mask = rh < H
+    xb = tl.load(x_ptr + rn64[:, None] * stride_x + rh[None, :],
+                 mask=n_mask[:, None] & h_mask[None, :], other=0.0)
+    wb = tl.load(w_ptr + rv64[:, None] * stride_w + rh[None, :],
+                 mask=v_mask[:, None] & h_mask[None, :], other=0.0)
+    if DOT_FP32:
+        xb = xb.to(tl.float32)
+        wb = wb.to(tl.float32)
+    return xb, wb, rh, h_mask
+
+
+@triton.jit
 def _logits_tile(x_ptr, w_ptr, b_ptr, rn, rv, n_mask, v_mask, H, stride_x, stride_w,
                  inv_temp, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                  PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr,
@@ -52,15 +68,8 @@ def _logits_tile(x_ptr, w_ptr, b_ptr, rn, rv, n_mask, v_mask, H, stride_x, strid
     rv64 = rv.to(tl.int64)
     acc = tl.zeros((BN, BV), dtype=tl.float32)
     for h0 in range(0, H, BH):
-        rh = h0 + tl.arange(0, BH)
-        h_mask = rh < H
-        xb = tl.load(x_ptr + rn64[:, None] * stride_x + rh[None, :],
-                     mask=n_mask[:, None] & h_mask[None, :], other=0.0)
-        wb = tl.load(w_ptr + rv64[:, None] * stride_w + rh[None, :],
-                     mask=v_mask[:, None] & h_mask[None, :], other=0.0)
-        if DOT_FP32:
-            xb = xb.to(tl.float32)
-            wb = wb.to(tl.float32)
+        xb, wb, rh, h_mask = _load_x_w(x_ptr, w_ptr, rn64, rv64, n_mask, v_mask, h0, H, stride_x, stride_w,
+                                       DOT_FP32, BH)
         acc = tl.dot(xb, tl.trans(wb), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rv, mask=v_mask, other=0.0).to(tl.float32)[None, :]
@@ -184,17 +193,11 @@ def _fused_backward_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dx_ptr,
         rn64 = rn.to(tl.int64)
         rv64 = rv.to(tl.int64)
         dc = d.to(x_ptr.dtype.element_ty)
+        if DOT_FP32:
+            dc = dc.to(tl.float32)
         for h0 in range(0, H, BH):
-            rh = h0 + tl.arange(0, BH)
-            h_mask = rh < H
-            xb = tl.load(x_ptr + rn64[:, None] * stride_x + rh[None, :],
-                         mask=n_mask[:, None] & h_mask[None, :], other=0.0)
-            wb = tl.load(w_ptr + rv64[:, None] * stride_w + rh[None, :],
-                         mask=v_mask[:, None] & h_mask[None, :], other=0.0)
-            if DOT_FP32:
-                xb = xb.to(tl.float32)
-                wb = wb.to(tl.float32)
-                dc = dc.to(tl.float32)
+            xb, wb, rh, h_mask = _load_x_w(x_ptr, w_ptr, rn64, rv64, n_mask, v_mask, h0, H, stride_x, stride_w,
+                                           DOT_FP32, BH)
             dx = tl.dot(dc, wb, input_precision=PRECISION)
             tl.atomic_add(dx_ptr + rn64[:, None] * H + rh[None, :], dx,
                           mask=n_mask[:, None] & h_mask[None, :])
