@@ -89,7 +89,6 @@ def dpo_loss_from_hidden(
     sample_weights: Optional[torch.Tensor] = None,
     backend: str = "auto",
     chunk_elements: Optional[int] = None,
-    _return_policy: bool = False,
     **loss_kwargs,
 ):
     """DPO-family loss straight from the last hidden states; see ``prefops.losses.dpo_loss`` for
@@ -112,6 +111,20 @@ def dpo_loss_from_hidden(
     pl = policy_logps(hidden, weight, targets, bias=bias, ignore_index=ignore_index, temperature=temperature,
                       logit_softcap=logit_softcap, return_log_sum_p2=use_wpo_weighting, backend=backend,
                       chunk_elements=chunk_elements)
+    return _dpo_loss_given_policy(
+        pl, weight, targets, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+        ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ignore_index=ignore_index,
+        temperature=temperature, logit_softcap=logit_softcap, token_weights=token_weights,
+        normalize_token_weights=normalize_token_weights, ld_alpha=ld_alpha, ld_alpha_reference=ld_alpha_reference,
+        use_wpo_weighting=use_wpo_weighting, sample_weights=sample_weights, backend=backend,
+        chunk_elements=chunk_elements, **loss_kwargs)
+
+
+def _dpo_loss_given_policy(pl: PolicyLogps, weight, targets, *, ref_chosen_logps, ref_rejected_logps, ref_hidden,
+                           ref_weight, ref_bias, ignore_index, temperature, logit_softcap, token_weights,
+                           normalize_token_weights, ld_alpha, ld_alpha_reference, use_wpo_weighting, sample_weights,
+                           backend, chunk_elements, **loss_kwargs):
+    """The part of ``dpo_loss_from_hidden`` after the policy's log-probs (TAB-PO reuses them)."""
     w = _token_weights(pl, token_weights, ld_alpha)
     chosen, rejected = pl.halves(pl.sequence(w, normalize_token_weights))
 
@@ -137,9 +150,8 @@ def dpo_loss_from_hidden(
         wpo = wpo_pair_weights(pl.token_logps, pl.log_sum_p2, pl.mask)
         sample_weights = wpo if sample_weights is None else sample_weights * wpo
     chosen_lengths, rejected_lengths = pl.halves(pl.lengths)
-    loss, metrics = dpo_loss(chosen, rejected, ref_chosen_logps, ref_rejected_logps, chosen_lengths=chosen_lengths,
-                             rejected_lengths=rejected_lengths, sample_weights=sample_weights, **loss_kwargs)
-    return (loss, (metrics, pl)) if _return_policy else (loss, metrics)
+    return dpo_loss(chosen, rejected, ref_chosen_logps, ref_rejected_logps, chosen_lengths=chosen_lengths,
+                    rejected_lengths=rejected_lengths, sample_weights=sample_weights, **loss_kwargs)
 
 
 def simpo_loss_from_hidden(
@@ -187,12 +199,14 @@ def tabpo_loss_from_hidden(
     B = Σ(−logp_t)·w̃_t·g_t / max(Σ w̃_t·g_t, 1), g_t = 1[logp_t < log τ], w̃ the weights scaled
     to mean 1 over each response's valid tokens; total = mean(L_dpo) + barrier_weight·mean(B).
     ``token_weights``: [2B, T] raw weights (``tabpo_diff_weights``, span weights, ...)."""
-    loss_dpo, metrics = dpo_loss_from_hidden(
-        hidden, weight, targets, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
-        token_weights=token_weights, normalize_token_weights=True, beta=beta, ignore_index=ignore_index,
-        temperature=temperature, logit_softcap=logit_softcap, backend=backend, chunk_elements=chunk_elements,
-        _return_policy=True)
-    loss_dpo, metrics, pl = loss_dpo, metrics[0], metrics[1]
+    pl = policy_logps(hidden, weight, targets, bias=bias, ignore_index=ignore_index, temperature=temperature,
+                      logit_softcap=logit_softcap, backend=backend, chunk_elements=chunk_elements)
+    loss_dpo, metrics = _dpo_loss_given_policy(
+        pl, weight, targets, ref_chosen_logps=None, ref_rejected_logps=None, ref_hidden=ref_hidden,
+        ref_weight=ref_weight, ref_bias=ref_bias, ignore_index=ignore_index, temperature=temperature,
+        logit_softcap=logit_softcap, token_weights=token_weights, normalize_token_weights=True, ld_alpha=None,
+        ld_alpha_reference=True, use_wpo_weighting=False, sample_weights=None, backend=backend,
+        chunk_elements=chunk_elements, beta=beta)
     mask_c, _ = pl.halves(pl.mask)
     lp_c, _ = pl.halves(pl.token_logps)
     w_c, _ = pl.halves(token_weights.to(lp_c.dtype) * pl.mask.to(lp_c.dtype))

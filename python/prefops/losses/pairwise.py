@@ -196,7 +196,7 @@ def dpo_loss(
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {lt!r}")
         if lt in _NEEDS_LENGTHS and (chosen_lengths is None or rejected_lengths is None):
             raise ValueError(f"loss_type {lt!r} needs chosen_lengths and rejected_lengths")
-    if any(lt in ("robust",) for lt in loss_types) and not 0.0 <= label_smoothing < 0.5:
+    if "robust" in loss_types and not 0.0 <= label_smoothing < 0.5:
         raise ValueError("robust DPO needs 0 <= label_smoothing < 0.5")
     if "exo_pair" in loss_types and not 0.0 < label_smoothing < 1.0:
         raise ValueError("exo_pair needs 0 < label_smoothing < 1")

@@ -83,7 +83,9 @@ def _interpreting() -> bool:
 def _resolve_backend(backend: str, hidden: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    has_triton = importlib.util.find_spec("triton") is not None
+    if "has_triton" not in _TRITON_STATE:  # a path search when triton is not imported yet: once
+        _TRITON_STATE["has_triton"] = importlib.util.find_spec("triton") is not None
+    has_triton = _TRITON_STATE["has_triton"]
     if backend == "auto":
         if hidden.is_cuda and has_triton and hidden.dtype != torch.float64:
             return "triton"
@@ -171,6 +173,7 @@ def _backward(x, w, b, t, lse, grad, cfg: _Config, need_x, need_w, need_b):
         dx, dw32, db32 = _kernels().fused_backward(x, w, b, t, lse.float().contiguous(),
                                                    grad.float().contiguous(), filter_eps=cfg.filter_eps,
                                                    **common)
+        dx = dx if need_x else None  # computed anyway by the fused pass; not returned or all-reduced
         dw = dw32.to(w.dtype) if need_w else None
         db = db32.to(b.dtype) if (b is not None and need_b) else None
     else:

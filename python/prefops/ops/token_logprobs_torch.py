@@ -105,17 +105,18 @@ def backward(x, w, b, targets, lse, grad, *, vocab_start=0, temperature=1.0, sof
             raw = xc @ wc.T
             if bc is not None:
                 raw.add_(bc)
-            # In place where possible: one [token chunk, vocab chunk] block live at a time.
+            # In place where possible: one [token chunk, vocab chunk] block live at a time. With the
+            # identity transform z is raw itself and is overwritten; only the soft-cap scale reads raw,
+            # and then z is a new tensor.
             gc = g[n0:n1]
-            if softcap is None and temperature == 1.0:
-                dz = raw.sub_(lse[n0:n1, None]).exp_().mul_(-gc[:, None])
-            else:
-                dz = _transform(raw, temperature, softcap).sub_(lse[n0:n1, None]).exp_().mul_(-gc[:, None])
+            dz = _transform(raw, temperature, softcap).sub_(lse[n0:n1, None]).exp_().mul_(-gc[:, None])
             t = local_t[n0:n1]
             inside = (t >= v0) & (t < v1)
             rows = inside.nonzero().squeeze(1)
             dz[rows, t[rows] - v0] += gc[rows]
-            draw = dz if (softcap is None and temperature == 1.0) else dz.mul_(_raw_grad_scale(raw, temperature, softcap))
+            draw = dz
+            if softcap is not None or temperature != 1.0:
+                draw = dz.mul_(_raw_grad_scale(raw, temperature, softcap))
             if dx is not None:
                 dx[n0:n1] += draw @ wc
             if dw_acc is not None:
