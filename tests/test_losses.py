@@ -33,13 +33,21 @@ def logsig(x):
     return -torch.log1p(torch.exp(-x))
 
 
+def close(got, want, inputs):
+    """Same value and same gradients with respect to ``inputs`` (float64 autograd of the formula)."""
+    torch.testing.assert_close(got, want)
+    for a, e in zip(torch.autograd.grad(got, inputs, retain_graph=True),
+                    torch.autograd.grad(want, inputs, retain_graph=True)):
+        torch.testing.assert_close(a, e)
+
+
 def test_cdpo_label_smoothing_formula():
     c, r, rc, rr, *_ = seqs()
     beta, eps = 0.1, 0.2
     h = (c - rc) - (r - rr)
     want = (-(1 - eps) * logsig(beta * h) - eps * logsig(-beta * h)).mean()
     got, m = dpo_loss(c, r, rc, rr, beta=beta, label_smoothing=eps)
-    torch.testing.assert_close(got, want)
+    close(got, want, (c, r))
     torch.testing.assert_close(m["rewards/margins"], (beta * h).mean().detach())
     assert m["rewards/accuracies"].item() == (h > 0).double().mean().item()
 
@@ -49,9 +57,9 @@ def test_robust_and_ipo_sum_and_hinge_formulas():
     beta, eps = 0.5, 0.1
     h = (c - rc) - (r - rr)
     robust = ((-(1 - eps) * logsig(beta * h) + eps * logsig(-beta * h)) / (1 - 2 * eps)).mean()
-    torch.testing.assert_close(dpo_loss(c, r, rc, rr, beta=beta, loss_type="robust", label_smoothing=eps)[0], robust)
-    torch.testing.assert_close(dpo_loss(c, r, rc, rr, beta=beta, loss_type="ipo_sum")[0], ((h - 1 / (2 * beta)) ** 2).mean())
-    torch.testing.assert_close(dpo_loss(c, r, rc, rr, beta=beta, loss_type="hinge")[0], torch.relu(1 - beta * h).mean())
+    close(dpo_loss(c, r, rc, rr, beta=beta, loss_type="robust", label_smoothing=eps)[0], robust, (c, r))
+    close(dpo_loss(c, r, rc, rr, beta=beta, loss_type="ipo_sum")[0], ((h - 1 / (2 * beta)) ** 2).mean(), (c, r))
+    close(dpo_loss(c, r, rc, rr, beta=beta, loss_type="hinge")[0], torch.relu(1 - beta * h).mean(), (c, r))
 
 
 def test_rpo_both_forms():
@@ -60,10 +68,10 @@ def test_rpo_both_forms():
     h = (c - rc) - (r - rr)
     dpo = -logsig(beta * h)
     main = dpo_loss(c, r, rc, rr, beta=beta, loss_type=["sigmoid", "nll"], loss_weights=[1.0, eta])[0]
-    torch.testing.assert_close(main, (dpo + eta * beta * (-c)).mean())
+    close(main, (dpo + eta * beta * (-c)).mean(), (c, r))
     avg = dpo_loss(c, r, rc, rr, beta=beta, loss_type=["sigmoid", "nll_mean"], loss_weights=[1.0, eta],
                    chosen_lengths=lc, rejected_lengths=lr)[0]
-    torch.testing.assert_close(avg, (dpo + eta * (-c / lc)).mean())
+    close(avg, (dpo + eta * (-c / lc)).mean(), (c, r))
 
 
 def test_fdpo_margin_and_label_flip_rule():
@@ -75,11 +83,11 @@ def test_fdpo_margin_and_label_flip_rule():
     want = (-logsig(beta * (h - lam * (hl - hw).double()))).mean()
     got = dpo_loss(c, r, rc, rr, beta=beta, loss_type="fdpo", fdpo_lambda=lam, chosen_hallucinated=hw,
                    rejected_hallucinated=hl)[0]
-    torch.testing.assert_close(got, want)
+    close(got, want, (c, r))
     # λ = 0 is plain DPO
-    torch.testing.assert_close(dpo_loss(c, r, rc, rr, beta=beta, loss_type="fdpo", fdpo_lambda=0.0,
-                                        chosen_hallucinated=hw, rejected_hallucinated=hl)[0],
-                               dpo_loss(c, r, rc, rr, beta=beta)[0])
+    close(dpo_loss(c, r, rc, rr, beta=beta, loss_type="fdpo", fdpo_lambda=0.0, chosen_hallucinated=hw,
+                   rejected_hallucinated=hl)[0],
+          dpo_loss(c, r, rc, rr, beta=beta)[0], (c, r))
 
 
 def test_simpo_formula_and_defaults():
@@ -87,9 +95,9 @@ def test_simpo_formula_and_defaults():
     beta, ratio, eps = 2.0, 0.5, 0.1
     z = beta * (c / lc - r / lr - ratio)
     want = (-(1 - eps) * logsig(z) - eps * logsig(-z)).mean()
-    torch.testing.assert_close(simpo_loss(c, r, lc, lr, label_smoothing=eps)[0], want)
+    close(simpo_loss(c, r, lc, lr, label_smoothing=eps)[0], want, (c, r))
     with_sft = simpo_loss(c, r, lc, lr, sft_weight=0.3)[0]
-    torch.testing.assert_close(with_sft, (-logsig(z) + 0.3 * (-c / lc)).mean())
+    close(with_sft, (-logsig(z) + 0.3 * (-c / lc)).mean(), (c, r))
 
 
 def test_madpo_weights_formula():
@@ -102,7 +110,7 @@ def test_madpo_weights_formula():
     c_, r_, rc, rr, *_ = seqs(seed=5)
     h = (c_ - rc) - (r_ - rr)
     got = dpo_loss(c_, r_, rc, rr, sample_weights=madpo_weights(m))[0]
-    torch.testing.assert_close(got, (want * -logsig(0.1 * h)).mean())
+    close(got, (want * -logsig(0.1 * h)).mean(), (c_, r_))
 
 
 def test_ld_dpo_weights_by_hand():

@@ -127,6 +127,15 @@ def test_kto_formula():
     loss, m = kto_loss(S, R, des, kl_logps=KS, ref_kl_logps=KR, beta=beta, desirable_weight=lD, undesirable_weight=lU)
     assert loss.item() == pytest.approx(want, rel=1e-12)
     assert m["kl"].item() == pytest.approx(z0)
+    # gradient w.r.t. the policy log-probs: the formula in float64 autograd (z0 carries none)
+    Sg = S.clone().requires_grad_()
+    (g,) = torch.autograd.grad(kto_loss(Sg, R, des, kl_logps=KS, ref_kl_logps=KR, beta=beta, desirable_weight=lD,
+                                        undesirable_weight=lU)[0], Sg)
+    Sf = S.clone().requires_grad_()
+    r = Sf - R
+    f = torch.where(des, lD * (1 - torch.sigmoid(beta * (r - z0))), lU * (1 - torch.sigmoid(beta * (z0 - r)))).mean()
+    (gf,) = torch.autograd.grad(f, Sf)
+    torch.testing.assert_close(g, gf)
     # negative KL estimates clamp to 0
     loss0, m0 = kto_loss(S, R, des, kl_logps=KR, ref_kl_logps=KS + 5, beta=beta)
     assert m0["kl"].item() == 0.0
@@ -146,6 +155,11 @@ def test_bco_formula_and_running_mean():
         want = sum(-logsig(x - delta) if d else -logsig(-(x - delta)) for x, d in zip(r, des.tolist())) / 6
         assert loss.item() == pytest.approx(want, rel=1e-12)
         assert bco_loss(S, R, des, delta=delta, beta=0.2)[0].item() == pytest.approx(want, rel=1e-12)
+        Sg, Sf = S.clone().requires_grad_(), S.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(bco_loss(Sg, R, des, delta=delta, beta=0.2)[0], Sg)
+        x = 0.2 * (Sf - R) - delta
+        f = torch.where(des, -torch.nn.functional.logsigmoid(x), -torch.nn.functional.logsigmoid(-x)).mean()
+        torch.testing.assert_close(grad, torch.autograd.grad(f, Sf)[0])
     state = bco.state_dict()
     fresh = BCOLoss(beta=0.2)
     fresh.load_state_dict(state)
