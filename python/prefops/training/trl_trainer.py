@@ -1,0 +1,68 @@
+"""prefops losses inside TRL's ``DPOTrainer`` (trl ≥ 1.16): a drop-in subclass.
+
+    from prefops.training.trl_trainer import PrefopsDPOTrainer
+    trainer = PrefopsDPOTrainer(model=model, ref_model=ref, args=DPOConfig(...), train_dataset=ds,
+                                processing_class=tokenizer)
+    trainer.train()
+
+Everything else is TRL's (dataset preparation, collator, reference precompute, logging,
+checkpoints); only the loss computation is replaced: the policy and reference run their backbones
+and the loss comes from the last hidden states and ``lm_head.weight`` through
+``prefops.training.causal_lm_preference_loss``, so the [2B, T, V] logits are never built. The
+DPOConfig knobs are honoured: ``beta``, ``loss_type`` (one or several) with ``loss_weights``,
+``label_smoothing``, ``f_divergence_type`` / ``f_alpha_divergence_coef``, ``ld_alpha``,
+``use_weighting`` (WPO), ``discopop_tau``, ``precompute_ref_log_probs``, PEFT references.
+Importing this module imports trl.
+"""
+
+from __future__ import annotations
+
+import torch
+from trl import DPOTrainer
+
+from prefops.training.causal_lm import causal_lm_preference_loss
+
+__all__ = ["PrefopsDPOTrainer"]
+
+
+class PrefopsDPOTrainer(DPOTrainer):
+    """``trl.DPOTrainer`` with the loss computed by prefops' fused op.
+
+    Extra keyword: ``prefops_backend`` ("auto", "torch" or "triton") for the log-prob op."""
+
+    def __init__(self, *args, prefops_backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prefops_backend = prefops_backend
+        if getattr(self, "aux_loss_enabled", False):
+            raise ValueError("PrefopsDPOTrainer does not add MoE router aux losses; set use_router_aux_loss off")
+
+    def _prefops_loss_kwargs(self) -> dict:
+        return dict(
+            beta=self.beta, loss_type=list(self.loss_types), loss_weights=list(self.loss_weights),
+            label_smoothing=self.label_smoothing, f_divergence=self.f_divergence_type,
+            f_alpha=self.f_alpha_divergence_coef, ld_alpha=self.ld_alpha, use_wpo_weighting=self.use_weighting,
+            discopop_tau=self.args.discopop_tau,
+        )
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        ref_model = None
+        if not self.precompute_ref_logps and self.ref_model is not None:
+            ref_model = self.ref_model
+        loss, metrics = causal_lm_preference_loss(model, inputs, ref_model=ref_model, backend=self.prefops_backend,
+                                                  **self._prefops_loss_kwargs())
+        gather = self.accelerator.gather_for_metrics
+        for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                     "logps/rejected"):
+            if name in metrics:
+                self._metrics[mode][name].append(gather(metrics[name].reshape(1)).float().mean().item())
+        if mode == "train":
+            tokens = gather(inputs["attention_mask"].sum()).sum().item() if "attention_mask" in inputs else 0
+            self._total_train_tokens += tokens // getattr(self, "_tp_size", 1)
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        if return_outputs:
+            with torch.no_grad():
+                outputs = model(**{k: v for k, v in inputs.items()
+                                   if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")})
+            return loss, outputs
+        return loss

@@ -1,0 +1,93 @@
+"""PrefopsDPOTrainer against TRL's own DPOTrainer on the same model, batch and config."""
+
+import copy
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from prefops.demo import tiny_causal_lm, tiny_tokenizer  # noqa: E402
+from prefops.training.trl_trainer import PrefopsDPOTrainer  # noqa: E402
+
+ROWS = [
+    dict(prompt="Human: what is two plus two?\n\nAssistant:", chosen=" four, it is four.", rejected=" I will not."),
+    dict(prompt="Human: name a fruit\n\nAssistant:", chosen=" an apple", rejected=" a brown fox jumps over it"),
+    dict(prompt="Human: hi", chosen=" hello there, how can I help?", rejected=" go away"),
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer([r[k] for r in ROWS for k in r] * 5, vocab_size=200)
+
+
+def _trainers(tok, tmp_path, ref=True, **config):
+    model = tiny_causal_lm(len(tok), seed=0)
+    ref_model = tiny_causal_lm(len(tok), seed=1) if ref else None
+    args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=2, report_to=[],
+                         logging_steps=1, use_cpu=True, save_strategy="no", **config)
+    ds = datasets.Dataset.from_list(ROWS)
+    stock = trl.DPOTrainer(model=copy.deepcopy(model), ref_model=ref_model, args=args, train_dataset=ds,
+                           processing_class=tok)
+    ours = PrefopsDPOTrainer(model=copy.deepcopy(model), ref_model=ref_model, args=args, train_dataset=ds,
+                             processing_class=tok)
+    return stock, ours
+
+
+def _compare(stock, ours):
+    batch = next(iter(stock.get_train_dataloader()))
+    a = stock.compute_loss(stock.model, batch)
+    b = ours.compute_loss(ours.model, batch)
+    a.backward()
+    b.backward()
+    assert abs(a.item() - b.item()) <= 1e-5 * max(1.0, abs(a.item()))
+    for (n, p), (_, q) in zip(stock.model.named_parameters(), ours.model.named_parameters()):
+        if p.grad is None:
+            assert q.grad is None, n
+            continue
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), n
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                 "logps/rejected"):
+        assert ours._metrics["train"][name][-1] == pytest.approx(stock._metrics["train"][name][-1], abs=1e-4), name
+
+
+@pytest.mark.parametrize("config", [
+    dict(beta=0.2),
+    dict(beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
+    dict(beta=0.3, loss_type=["ipo"]),
+    dict(beta=0.1, ld_alpha=0.5),
+    dict(beta=0.1, use_weighting=True),
+    dict(beta=0.1, f_divergence_type="js_divergence"),
+])
+def test_loss_and_grads_equal_trl(tok, tmp_path, config):
+    _compare(*_trainers(tok, tmp_path, **config))
+
+
+def test_precomputed_reference_equals_trl(tok, tmp_path):
+    stock, ours = _trainers(tok, tmp_path, beta=0.1, precompute_ref_log_probs=True)
+    _compare(stock, ours)
+
+
+def test_peft_reference_equals_trl(tok, tmp_path):
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    base = tiny_causal_lm(len(tok), seed=0)
+    args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=1, report_to=[],
+                         use_cpu=True, save_strategy="no", beta=0.1)
+    ds = datasets.Dataset.from_list(ROWS)
+    stock = trl.DPOTrainer(model=peft.get_peft_model(copy.deepcopy(base), lora), args=args, train_dataset=ds,
+                           processing_class=tok)
+    ours = PrefopsDPOTrainer(model=peft.get_peft_model(copy.deepcopy(base), lora), args=args, train_dataset=ds,
+                             processing_class=tok)
+    ours.model.load_state_dict(stock.model.state_dict())  # same random LoRA init
+    _compare(stock, ours)
+
+
+def test_trainer_trains(tok, tmp_path):
+    _, ours = _trainers(tok, tmp_path, beta=0.1)
+    ours.train()
+    steps = [h for h in ours.state.log_history if "loss" in h]
+    assert len(steps) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in steps)
+    assert "rewards/accuracies" in steps[0]
