@@ -125,7 +125,7 @@ def test_bundled_samples_are_subsets_of_the_shared_data(shared_data):
 def test_demo_command_runs_on_bundled_data(tmp_path, capsys):
     from prefops.cli import main
 
-    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--prep-only"]) == 0
     out = capsys.readouterr().out
     assert "HH-RLHF" in out and "ImageReward" in out and "first HH pair" in out
     table = pq.read_table(tmp_path / "hh_pairs.parquet")

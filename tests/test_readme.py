@@ -18,8 +18,9 @@ def test_python_examples_run(tmp_path, monkeypatch):
     code = blocks("python")
     assert code, "README has no python examples"
     monkeypatch.chdir(tmp_path)
+    namespace = {}  # shared, as a reader runs them top to bottom in one session
     for block in code:
-        exec(compile(block, "README.md", "exec"), {})
+        exec(compile(block, "README.md", "exec"), namespace)
 
 
 def test_cli_example_runs(tmp_path):

@@ -1,7 +1,8 @@
 """The ``prefops`` command line.
 
     prefops prep INPUT -o OUTPUT [options]   rated data -> TRL pairs (JSONL or Parquet)
-    prefops demo [--out DIR]                 prep the bundled samples and print a report
+    prefops demo [--out DIR] [--prep-only]   prep the bundled samples, then train a tiny LM (DPO) and a
+                                             tiny UNet (Diffusion-DPO) on CPU and plot the curves
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -91,8 +93,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", type=Path, help="write the JSON stats report here")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
 
-    d = sub.add_parser("demo", help="prep the bundled sample data and print a report (no downloads)")
-    d.add_argument("--out", type=Path, help="directory for the outputs (default: a temporary directory)")
+    d = sub.add_parser("demo", help="prep the bundled samples, train a tiny LM and UNet, plot (no downloads)")
+    d.add_argument("--out", type=Path, default=Path("prefops-demo"),
+                   help="directory for the outputs: pairs, reference log-probs, curves.png (default: prefops-demo)")
+    d.add_argument("--prep-only", action="store_true", help="only the data preparation part (no torch needed)")
+    d.add_argument("--lm-steps", type=_positive_int, default=30, help="DPO steps on the tiny LM (default 30)")
+    d.add_argument("--lm-pairs", type=_positive_int, default=64, help="HH pairs to train on (default 64)")
+    d.add_argument("--unet-steps", type=_positive_int, default=10, help="Diffusion-DPO steps (default 10)")
+    d.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -151,25 +159,44 @@ DEMO_RUNS = [
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    with tempfile.TemporaryDirectory(prefix="prefops-demo-") as tmp:
-        out_dir = args.out or Path(tmp)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        print("prefops demo: preparing the bundled sample data (no downloads)\n")
-        for sample, title, options, out_name in DEMO_RUNS:
-            result = prep(sample_path(sample), out_dir / out_name, **options)
-            print(f"== {title}: {sample_path(sample).name}")
-            print(result.summary())
-            print()
-        import pyarrow.parquet as pq
+    out_dir = args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print("prefops demo: preparing the bundled sample data (no downloads)\n")
+    for sample, title, options, out_name in DEMO_RUNS:
+        result = prep(sample_path(sample), out_dir / out_name, **options)
+        print(f"== {title}: {sample_path(sample).name}")
+        print(result.summary())
+        print()
+    import pyarrow.parquet as pq
 
-        table = pq.read_table(out_dir / "hh_pairs.parquet")
-        row = table.slice(0, 1).to_pylist()[0]
-        print("first HH pair (TRL format):")
-        for key in ("prompt_id", "pair_id", "prompt", "chosen", "rejected", "margin"):
-            text = str(row[key]).replace("\n", "\\n")
-            print(f"  {key:<10} {text[:100]}{'...' if len(text) > 100 else ''}")
-        if args.out:
-            print(f"\noutputs in {out_dir}")
+    table = pq.read_table(out_dir / "hh_pairs.parquet")
+    row = table.slice(0, 1).to_pylist()[0]
+    print("first HH pair (TRL format):")
+    for key in ("prompt_id", "pair_id", "prompt", "chosen", "rejected", "margin"):
+        text = str(row[key]).replace("\n", "\\n")
+        print(f"  {key:<10} {text[:100]}{'...' if len(text) > 100 else ''}")
+    if args.prep_only:
+        print(f"\noutputs in {out_dir}")
+        return 0
+    try:
+        from prefops import demo
+        import torch  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"the training part of the demo needs the training extras ({e.name} is missing): "
+                         "pip install 'prefops[train]', or run with --prep-only") from None
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    started = time.perf_counter()
+    print(f"\n== DPO on a tiny causal LM (fused loss, CPU), {args.lm_pairs} HH pairs")
+    rows = table.slice(0, args.lm_pairs).to_pylist()
+    lm = demo.train_lm_dpo(rows, steps=args.lm_steps, seed=args.seed, work_dir=out_dir)
+    print(f"\n== Diffusion-DPO on a tiny UNet2DConditionModel (random latents)")
+    unet = demo.train_diffusion_dpo(steps=args.unet_steps, seed=args.seed)
+    plot = demo.plot_history(lm, unet, out_dir / "curves.png")
+    print(f"\nLM: loss {lm['loss'][0]:.3f} -> {lm['loss'][-1]:.3f}, reward accuracy "
+          f"{lm['accuracy'][0]:.2f} -> {lm['accuracy'][-1]:.2f}; "
+          f"UNet: loss {unet['loss'][0]:.3f} -> {unet['loss'][-1]:.3f}")
+    print(f"training took {time.perf_counter() - started:.0f} s; curves in {plot}; outputs in {out_dir}")
     return 0
 
 
