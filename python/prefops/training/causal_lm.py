@@ -104,22 +104,27 @@ def _backbone(inner):
     return backbone if isinstance(backbone, torch.nn.Module) and backbone is not inner else None
 
 
+def _is_wrapped(model) -> bool:
+    return hasattr(model, "module") and isinstance(model.module, torch.nn.Module)
+
+
 def last_hidden_states(model, input_ids: torch.Tensor, *, attention_mask: Optional[torch.Tensor] = None,
                        position_ids: Optional[torch.Tensor] = None, **model_kwargs) -> torch.Tensor:
     """The final hidden states [N, T, H] (after the final norm), without computing logits.
 
-    Runs the backbone (``model.model`` etc.); models without one run whole with
-    ``output_hidden_states=True`` and ``logits_to_keep=1``. For a padding-free pack pass
-    ``position_ids`` and no ``attention_mask``: transformers then masks attention per sequence.
+    Runs the backbone (``model.model`` etc.). A DDP-style wrapper (``.module``) and models
+    without a backbone attribute run whole, through the wrapper's forward so that its gradient
+    synchronisation is set up, with ``output_hidden_states=True`` and ``logits_to_keep=1`` (one
+    logit per row). For a padding-free pack pass ``position_ids`` and no ``attention_mask``:
+    transformers then masks attention per sequence.
     """
-    inner = _unwrap(model)
-    backbone = _backbone(inner)
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                   **model_kwargs)
+    backbone = None if _is_wrapped(model) else _backbone(_unwrap(model))
     if backbone is not None:
         out = backbone(**kwargs)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    out = inner(**kwargs, output_hidden_states=True, logits_to_keep=1)
+    out = model(**kwargs, output_hidden_states=True, logits_to_keep=1)
     return out.hidden_states[-1]
 
 

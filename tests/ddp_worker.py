@@ -1,0 +1,59 @@
+"""One rank of the DDP test (gloo, CPU): each rank trains on its half of the pairs through a
+DDP-wrapped tiny LM and saves the synchronised gradients. Launched twice by the test."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from prefops.demo import tiny_causal_lm
+from prefops.training import causal_lm_preference_loss
+
+VOCAB = 61
+PAIRS_PER_RANK = 3
+
+
+def batch_of(pair_ids, seed=0):
+    """Pairs with different prompt and completion lengths (right-padded), chosen rows first."""
+    g = torch.Generator().manual_seed(seed)
+    rows, masks = [], []
+    for side in range(2):
+        for i in pair_ids:
+            n_prompt, n_completion = 3 + i % 3, 2 + (5 * i + side) % 4
+            ids = torch.randint(3, VOCAB, (n_prompt + n_completion,), generator=torch.Generator().manual_seed(
+                1000 * i + side + seed))
+            rows.append(ids)
+            masks.append(torch.tensor([0] * n_prompt + [1] * n_completion))
+    T = max(len(r) for r in rows)
+    input_ids = torch.zeros(len(rows), T, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    completion = torch.zeros_like(input_ids)
+    for r, (ids, m) in enumerate(zip(rows, masks)):
+        input_ids[r, :len(ids)] = ids
+        attention[r, :len(ids)] = 1
+        completion[r, :len(ids)] = m
+    return dict(input_ids=input_ids, attention_mask=attention, completion_mask=completion)
+
+
+def models():
+    return tiny_causal_lm(VOCAB, seed=0, hidden_size=32), tiny_causal_lm(VOCAB, seed=1, hidden_size=32).eval()
+
+
+LOSS = dict(beta=0.2, loss_type=["sigmoid", "nll_mean"], loss_weights=[1.0, 0.3])
+
+
+def main(out_dir):
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    policy, ref = models()
+    ddp = DistributedDataParallel(policy)
+    pairs = list(range(rank * PAIRS_PER_RANK, (rank + 1) * PAIRS_PER_RANK))
+    loss, _ = causal_lm_preference_loss(ddp, batch_of(pairs), ref_model=ref, **LOSS)
+    loss.backward()
+    torch.save({n: p.grad for n, p in policy.named_parameters()}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
