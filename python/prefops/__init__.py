@@ -6,6 +6,7 @@ else (no torch, no triton, no GPU probing).
 
 from prefops._native import DataError
 from prefops.data import FORMATS, STRATEGIES, THREADS_ENV, PrepResult, prep, sample_path
+from prefops.steps import StepResult, curriculum, flip_labels, reward_augment
 
 try:
     from importlib.metadata import version as _version
@@ -22,5 +23,19 @@ __all__ = [
     "PrepResult",
     "prep",
     "sample_path",
+    "StepResult",
+    "curriculum",
+    "flip_labels",
+    "reward_augment",
     "__version__",
 ]
+
+
+def __getattr__(name):
+    # CurriculumSampler subclasses torch's Sampler when torch is installed: built on first
+    # access so that `import prefops` stays free of torch.
+    if name == "CurriculumSampler":
+        from prefops.steps import _sampler_class
+
+        return _sampler_class()
+    raise AttributeError(f"module 'prefops' has no attribute {name!r}")

@@ -1,6 +1,9 @@
 """The ``prefops`` command line.
 
     prefops prep INPUT -o OUTPUT [options]   rated data -> TRL pairs (JSONL or Parquet)
+    prefops curriculum PAIRS -o OUTPUT       Curry-DPO easy->hard order / per-prompt stages
+    prefops flip PAIRS -o OUTPUT             swap chosen/rejected: F-DPO labels, reward model, random rate
+    prefops augment PAIRS -o OUTPUT          reward-augmented relabeling (each pair twice, score in the prompt)
     prefops demo [--out DIR] [--prep-only]   prep the bundled samples, then train a tiny LM (DPO) and a
                                              tiny UNet (Diffusion-DPO) on CPU and plot the curves
 """
@@ -18,6 +21,7 @@ from typing import Optional, Sequence
 
 from prefops import _native
 from prefops.data import FORMATS, STRATEGIES, THREADS_ENV, prep, sample_path
+from prefops.steps import TEMPLATES, StepResult, curriculum, flip_labels, reward_augment
 
 EXIT_DATA_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -93,6 +97,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", type=Path, help="write the JSON stats report here")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
 
+    _add_step_parsers(sub)
+
     d = sub.add_parser("demo", help="prep the bundled samples, train a tiny LM and UNet, plot (no downloads)")
     d.add_argument("--out", type=Path, default=Path("prefops-demo"),
                    help="directory for the outputs: pairs, reference log-probs, curves.png (default: prefops-demo)")
@@ -102,6 +108,137 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--unet-steps", type=_positive_int, default=10, help="Diffusion-DPO steps (default 10)")
     d.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def _step_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", type=Path, help="a pairs table (what prefops prep writes): .jsonl, .jsonl.gz, .json, .parquet")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help=".jsonl, .jsonl.gz or .parquet; appears only if the whole run succeeds")
+    p.add_argument("--threads", type=_positive_int, help=f"worker threads (default ${THREADS_ENV} or all CPUs)")
+    p.add_argument("--stats", type=Path, help="write the JSON stats report here")
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
+
+
+def _add_step_parsers(sub) -> None:
+    c = sub.add_parser(
+        "curriculum",
+        help="order pairs easy->hard (Curry-DPO), globally or as per-prompt stages",
+        description="Curry-DPO curriculum over a pairs table. Difficulty is a numeric column (default margin, "
+        "the score gap: large = easy). Stages schedule (default): a 0-based 'stage' column, stage i = the i-th "
+        "easiest pair of every prompt; rows ordered by stage, then easy->hard. Global schedule: all pairs "
+        "easy->hard. Ties are broken by pair_id.",
+    )
+    _step_common(c)
+    c.add_argument("--by", default="margin", metavar="COLUMN",
+                   help="numeric difficulty column (default: margin), e.g. a reward-model margin column")
+    order = c.add_mutually_exclusive_group()
+    order.add_argument("--descending-is-easy", dest="descending_is_easy", action="store_true", default=True,
+                       help="larger values are easier: the column sorted descending runs easy->hard "
+                            "(default; right for margins and reward gaps)")
+    order.add_argument("--ascending-is-easy", dest="descending_is_easy", action="store_false",
+                       help="smaller values are easier (a loss, a difficulty score)")
+    c.add_argument("--schedule", choices=["stages", "global"], default="stages")
+    c.add_argument("--split-stages", action="store_true",
+                   help="write one file per stage, OUTPUT with .stageN before the extension "
+                        "(pairs.stage0.parquet, ...): all of them or none")
+
+    f = sub.add_parser(
+        "flip",
+        help="swap chosen/rejected: F-DPO factuality rule, reward-model disagreement, seeded random rate",
+        description="Swap chosen and rejected in selected pairs (every *chosen*/*rejected* column pair, margin "
+        "negated, pair_id kept) and record it in a boolean 'flipped' column. Rules run in the order factual, "
+        "reward, random.",
+    )
+    _step_common(f)
+    f.add_argument("--factual", action="store_true",
+                   help="F-DPO: swap pairs whose chosen is hallucinated and rejected is not; label columns "
+                        "chosen_hallucinated/rejected_hallucinated (1 = hallucinated) or chosen_factual/"
+                        "rejected_factual (1 = factual), found automatically")
+    labels = f.add_mutually_exclusive_group()
+    labels.add_argument("--hallucinated-columns", nargs=2, metavar=("CHOSEN_COL", "REJECTED_COL"),
+                        help="factuality label columns where 1/true = hallucinated (implies --factual)")
+    labels.add_argument("--factual-columns", nargs=2, metavar=("CHOSEN_COL", "REJECTED_COL"),
+                        help="factuality label columns where 1/true = factual (implies --factual)")
+    f.add_argument("--reward-chosen", metavar="COLUMN", help="reward-model score of the chosen response")
+    f.add_argument("--reward-rejected", metavar="COLUMN", help="reward-model score of the rejected response")
+    f.add_argument("--reward-min-gap", type=_non_negative, default=0.0,
+                   help="swap only when reward_rejected - reward_chosen exceeds this (default 0)")
+    f.add_argument("--rate", type=_rate, help="swap each pair with this probability, decided from (seed, pair_id)")
+    f.add_argument("--seed", type=int, default=0)
+
+    a = sub.add_parser(
+        "augment",
+        help="reward-augmented relabeling: each pair twice, prompt conditioned on the chosen's / rejected's score",
+        description="Each pair becomes two rows: the prompt conditioned on the chosen response's score (order "
+        "kept) and on the rejected response's score (chosen and rejected swapped). New columns source_pair_id, "
+        "conditioned_on, target_score; pair_id gets a :c / :r suffix.",
+    )
+    _step_common(a)
+    tmpl = a.add_mutually_exclusive_group()
+    tmpl.add_argument("--template", default="default",
+                      help="a template with {prompt} and {score}, or a name: "
+                           + ", ".join(f"{k} ({v!r})" if k == "default" else k for k, v in TEMPLATES.items()))
+    tmpl.add_argument("--template-file", type=Path, help="read the template from this file (UTF-8, used as is)")
+    a.add_argument("--score-columns", nargs=2, metavar=("CHOSEN_COL", "REJECTED_COL"),
+                   default=["score_chosen", "score_rejected"],
+                   help="where the two scores come from (default score_chosen score_rejected)")
+
+
+def _finish_step(args: argparse.Namespace, result: StepResult) -> int:
+    if args.stats:
+        report = {
+            "input": str(args.input),
+            "outputs": [str(p) for p in result.outputs],
+            "step": result.step,
+            "threads": result.threads,
+            "seconds": result.seconds,
+            **result.stats,
+        }
+        _write_json_atomic(args.stats, report)
+    if not args.quiet:
+        print(f"prefops {args.command}: {args.input}", file=sys.stderr)
+        print(result.summary(), file=sys.stderr)
+    return 0
+
+
+def _run_curriculum(args: argparse.Namespace) -> int:
+    result = curriculum(args.input, args.output, by=args.by, descending_is_easy=args.descending_is_easy,
+                        schedule=args.schedule, split_stages=args.split_stages, threads=args.threads)
+    return _finish_step(args, result)
+
+
+def _run_flip(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if (args.reward_chosen is None) != (args.reward_rejected is None):
+        parser.error("flip: give both --reward-chosen and --reward-rejected")
+    factual = args.factual or args.hallucinated_columns is not None or args.factual_columns is not None
+    if not factual and args.reward_chosen is None and args.rate is None:
+        parser.error("flip: choose at least one rule: --factual, --reward-chosen/--reward-rejected, or --rate")
+    result = flip_labels(
+        args.input, args.output,
+        factual=factual,
+        hallucinated_columns=args.hallucinated_columns,
+        factual_columns=args.factual_columns,
+        reward_columns=None if args.reward_chosen is None else (args.reward_chosen, args.reward_rejected),
+        reward_min_gap=args.reward_min_gap,
+        rate=args.rate,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    return _finish_step(args, result)
+
+
+def _run_augment(args: argparse.Namespace) -> int:
+    template = args.template_file.read_text(encoding="utf-8") if args.template_file else args.template
+    result = reward_augment(args.input, args.output, template=template, score_columns=args.score_columns,
+                            threads=args.threads)
+    return _finish_step(args, result)
 
 
 def _run_prep(args: argparse.Namespace) -> int:
@@ -201,10 +338,17 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
     try:
         if args.command == "prep":
             return _run_prep(args)
+        if args.command == "curriculum":
+            return _run_curriculum(args)
+        if args.command == "flip":
+            return _run_flip(args, parser)
+        if args.command == "augment":
+            return _run_augment(args)
         return _run_demo(args)
     except KeyboardInterrupt:
         print("prefops: interrupted; no output was written", file=sys.stderr)

@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 use pyo3_arrow::input::AnyRecordBatch;
 use pyo3_arrow::PyTable;
 
+use prefops_core::steps::{self, augment, curriculum as cur, flip, Table};
 use prefops_core::{
     pipeline, Format, Input, Output, OutputKind, PairOptions, PrepError, PrepOptions, ReadOptions, Strategy,
     TiePolicy,
@@ -26,7 +27,7 @@ fn to_py_err(e: PrepError) -> PyErr {
         PrepError::Io { .. } => PyOSError::new_err(e.to_string()),
         PrepError::Interrupted => PyKeyboardInterrupt::new_err(e.to_string()),
         PrepError::Config(_) => PyValueError::new_err(e.to_string()),
-        PrepError::Record { .. } | PrepError::Schema { .. } | PrepError::Parquet { .. } => {
+        PrepError::Record { .. } | PrepError::Schema { .. } | PrepError::Parquet { .. } | PrepError::Column { .. } => {
             DataError::new_err(e.to_string())
         }
     }
@@ -138,10 +139,212 @@ fn detect_format(record_json: &str) -> PyResult<String> {
     Format::detect(&v).map(|f| f.name().to_string()).map_err(PyValueError::new_err)
 }
 
+/// A path (read by the core) or any Arrow table/stream, as a step's input table.
+enum StepInput {
+    Path(PathBuf),
+    Reader(Box<dyn arrow_array::RecordBatchReader + Send>),
+}
+
+fn step_input(source: &Bound<'_, PyAny>) -> PyResult<StepInput> {
+    if let Ok(path) = source.extract::<PathBuf>() {
+        return Ok(StepInput::Path(path));
+    }
+    let any: AnyRecordBatch = source.extract().map_err(|_| {
+        PyValueError::new_err(format!(
+            "source must be a path or an Arrow table/stream (pyarrow, polars, datasets...), got {}",
+            source.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+        ))
+    })?;
+    Ok(StepInput::Reader(any.into_reader()?))
+}
+
+/// Runs without the GIL.
+fn load(input: StepInput, threads: usize) -> Result<Table, PrepError> {
+    match input {
+        StepInput::Path(p) => steps::read_table(&p, threads),
+        StepInput::Reader(reader) => {
+            let schema = reader.schema();
+            let batches = reader
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| PrepError::Config(format!("<arrow>: reading the input stream: {e}")))?;
+            Table::new("<arrow>", schema, batches)
+        }
+    }
+}
+
+/// What a step returns to Python: the table (when not written) and a JSON report.
+fn step_result<'py>(
+    py: Python<'py>,
+    step: &str,
+    table: Option<Table>,
+    outputs: &[PathBuf],
+    threads: usize,
+    seconds: f64,
+    stats: serde_json::Value,
+) -> PyResult<(Option<Bound<'py, PyAny>>, String)> {
+    let report = serde_json::json!({
+        "step": step,
+        "threads": threads,
+        "seconds": seconds,
+        "outputs": outputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "stats": stats,
+    });
+    let table = match table {
+        Some(t) => Some(PyTable::try_new(t.batches, t.schema)?.into_pyarrow(py)?),
+        None => None,
+    };
+    Ok((table, report.to_string()))
+}
+
+fn run_step(
+    py: Python<'_>,
+    source: &Bound<'_, PyAny>,
+    threads: usize,
+    work: impl FnOnce(Table, usize) -> Result<(Table, Vec<(PathBuf, Table)>, serde_json::Value), PrepError> + Send,
+) -> PyResult<(Option<Table>, Vec<PathBuf>, usize, f64, serde_json::Value)> {
+    let input = step_input(source)?;
+    let threads = pipeline::resolve_threads(threads);
+    let start = std::time::Instant::now();
+    let (table, files, stats) = py
+        .detach(move || {
+            let table = load(input, threads)?;
+            let (out, files, stats) = work(table, threads)?;
+            if files.is_empty() {
+                return Ok((Some(out), Vec::new(), stats));
+            }
+            let refs: Vec<(PathBuf, &Table)> = files.iter().map(|(p, t)| (p.clone(), t)).collect();
+            steps::write_tables(&refs, threads)?;
+            Ok::<_, PrepError>((None, files.into_iter().map(|(p, _)| p).collect(), stats))
+        })
+        .map_err(to_py_err)?;
+    Ok((table, files, threads, start.elapsed().as_secs_f64(), stats))
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).expect("stats serialise")
+}
+
+/// Curry-DPO curriculum order / stages. Returns (table or None, report JSON).
+#[pyfunction]
+#[pyo3(signature = (source, output=None, *, by="margin", descending_is_easy=true, schedule="stages",
+                    split_stages=false, threads=0))]
+#[allow(clippy::too_many_arguments)]
+fn curriculum<'py>(
+    py: Python<'py>,
+    source: &Bound<'py, PyAny>,
+    output: Option<PathBuf>,
+    by: &str,
+    descending_is_easy: bool,
+    schedule: &str,
+    split_stages: bool,
+    threads: usize,
+) -> PyResult<(Option<Bound<'py, PyAny>>, String)> {
+    let schedule = parse::<cur::Schedule>(schedule)?;
+    if split_stages && (output.is_none() || schedule != cur::Schedule::Stages) {
+        return Err(PyValueError::new_err("split_stages needs an output path and schedule='stages'"));
+    }
+    let opts = cur::CurriculumOptions { by: by.to_string(), descending_is_easy, schedule, threads };
+    let (table, files, threads, seconds, stats) = run_step(py, source, threads, move |t, threads| {
+        let r = cur::curriculum(&t, &cur::CurriculumOptions { threads, ..opts })?;
+        let files = match output {
+            None => Vec::new(),
+            Some(p) if split_stages => {
+                r.stage_tables().into_iter().enumerate().map(|(i, t)| (steps::stage_path(&p, i), t)).collect()
+            }
+            Some(p) => vec![(p, r.table.clone())],
+        };
+        Ok((r.table, files, to_json(&r.stats)))
+    })?;
+    step_result(py, "curriculum", table, &files, threads, seconds, stats)
+}
+
+/// Label flipping (F-DPO factuality rule, reward disagreement, seeded random). Returns
+/// (table or None, report JSON).
+#[pyfunction]
+#[pyo3(signature = (source, output=None, *, factual_columns=None, factual_one_means="hallucinated",
+                    detect_factual=false, reward_columns=None, reward_min_gap=0.0, rate=None, seed=0, threads=0))]
+#[allow(clippy::too_many_arguments)]
+fn flip_labels<'py>(
+    py: Python<'py>,
+    source: &Bound<'py, PyAny>,
+    output: Option<PathBuf>,
+    factual_columns: Option<(String, String)>,
+    factual_one_means: &str,
+    detect_factual: bool,
+    reward_columns: Option<(String, String)>,
+    reward_min_gap: f64,
+    rate: Option<f64>,
+    seed: u64,
+    threads: usize,
+) -> PyResult<(Option<Bound<'py, PyAny>>, String)> {
+    let one_means = match factual_one_means {
+        "hallucinated" => flip::LabelMeaning::Hallucinated,
+        "factual" => flip::LabelMeaning::Factual,
+        other => return Err(PyValueError::new_err(format!("factual_one_means must be 'hallucinated' or 'factual', got '{other}'"))),
+    };
+    let (table, files, threads, seconds, stats) = run_step(py, source, threads, move |t, threads| {
+        let factual = match (factual_columns, detect_factual) {
+            (Some((c, r)), _) => Some(flip::FactualRule { chosen: c, rejected: r, one_means }),
+            (None, true) => Some(flip::FactualRule::detect(&t)?),
+            (None, false) => None,
+        };
+        let opts = flip::FlipOptions {
+            factual,
+            reward: reward_columns.map(|(c, r)| flip::RewardRule { chosen: c, rejected: r, min_gap: reward_min_gap }),
+            random: rate.map(|rate| flip::RandomFlip { rate, seed }),
+            threads,
+        };
+        let (out, stats) = flip::flip_labels(&t, &opts)?;
+        let files = output.map(|p| vec![(p, out.clone())]).unwrap_or_default();
+        Ok((out, files, to_json(&stats)))
+    })?;
+    step_result(py, "flip", table, &files, threads, seconds, stats)
+}
+
+/// Reward-augmented relabeling. Returns (table or None, report JSON).
+#[pyfunction]
+#[pyo3(signature = (source, output=None, *, template=None, score_columns=None, threads=0))]
+fn reward_augment<'py>(
+    py: Python<'py>,
+    source: &Bound<'py, PyAny>,
+    output: Option<PathBuf>,
+    template: Option<String>,
+    score_columns: Option<(String, String)>,
+    threads: usize,
+) -> PyResult<(Option<Bound<'py, PyAny>>, String)> {
+    let mut opts = augment::AugmentOptions::default();
+    if let Some(t) = template {
+        augment::Template::parse(&t).map_err(PyValueError::new_err)?;
+        opts.template = t;
+    }
+    if let Some((c, r)) = score_columns {
+        opts.score_chosen = c;
+        opts.score_rejected = r;
+    }
+    let (table, files, threads, seconds, stats) = run_step(py, source, threads, move |t, threads| {
+        let (out, stats) = augment::reward_augment(&t, &augment::AugmentOptions { threads, ..opts })?;
+        let files = output.map(|p| vec![(p, out.clone())]).unwrap_or_default();
+        Ok((out, files, to_json(&stats)))
+    })?;
+    step_result(py, "augment", table, &files, threads, seconds, stats)
+}
+
+/// A score as reward augmentation prints it (for tests and tools).
+#[pyfunction]
+fn format_score(x: f64) -> String {
+    augment::format_score(x)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(prep, m)?)?;
     m.add_function(wrap_pyfunction!(detect_format, m)?)?;
+    m.add_function(wrap_pyfunction!(curriculum, m)?)?;
+    m.add_function(wrap_pyfunction!(flip_labels, m)?)?;
+    m.add_function(wrap_pyfunction!(reward_augment, m)?)?;
+    m.add_function(wrap_pyfunction!(format_score, m)?)?;
+    m.add("AUGMENT_DEFAULT_TEMPLATE", augment::DEFAULT_TEMPLATE)?;
+    m.add("AUGMENT_ULTRAFEEDBACK_TEMPLATE", augment::ULTRAFEEDBACK_TEMPLATE)?;
     m.add("DataError", m.py().get_type::<DataError>())?;
     m.add("THREADS_ENV", prefops_core::THREADS_ENV)?;
     m.add("FORMATS", prefops_core::formats::ALL_FORMATS.iter().map(|f| f.name()).collect::<Vec<_>>())?;

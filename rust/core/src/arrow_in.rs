@@ -11,7 +11,7 @@ use arrow_schema::{DataType, Field, Fields};
 use crate::value::Value;
 
 /// The type every column is cast to before reading: 64-bit numbers, Utf8 text, List lists.
-fn reading_type(dt: &DataType, name: &str) -> Result<DataType, String> {
+pub(crate) fn reading_type(dt: &DataType, name: &str) -> Result<DataType, String> {
     Ok(match dt {
         DataType::Null | DataType::Boolean | DataType::Utf8 => dt.clone(),
         DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 => DataType::Int64,

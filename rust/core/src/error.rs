@@ -92,6 +92,8 @@ pub enum PrepError {
     Config(String),
     /// Output schema conflict found while writing (e.g. a column changed type).
     Schema { source: String, loc: Loc, message: String },
+    /// A table lacks a column a step needs, or a column has the wrong type.
+    Column { source: String, message: String },
     Interrupted,
 }
 
@@ -103,6 +105,7 @@ impl fmt::Display for PrepError {
             PrepError::Parquet { path, message } => write!(f, "{path}: {message}"),
             PrepError::Config(msg) => f.write_str(msg),
             PrepError::Schema { source, loc, message } => write!(f, "{source}: {loc}: {message}"),
+            PrepError::Column { source, message } => write!(f, "{source}: {message}"),
             PrepError::Interrupted => f.write_str("interrupted; no output was written"),
         }
     }

@@ -459,21 +459,33 @@ impl Sink {
     }
 
     /// Flush and move the output into place. Returns in-memory batches and their schema.
-    pub fn finish(mut self, empty_schema: impl FnOnce() -> SchemaRef) -> Result<(Vec<RecordBatch>, Option<SchemaRef>)> {
+    pub fn finish(self, empty_schema: impl FnOnce() -> SchemaRef) -> Result<(Vec<RecordBatch>, Option<SchemaRef>)> {
+        let (batches, schema, staged) = self.finish_staged(empty_schema)?;
+        if let Some(staged) = staged {
+            staged.persist()?;
+        }
+        Ok((batches, schema))
+    }
+
+    /// Flush and fsync a file output but leave it beside its destination: the caller renames
+    /// it into place with `Staged::persist` (several outputs can then appear together).
+    pub fn finish_staged(
+        mut self,
+        empty_schema: impl FnOnce() -> SchemaRef,
+    ) -> Result<(Vec<RecordBatch>, Option<SchemaRef>, Option<Staged>)> {
         self.flush_pending()?;
         match self {
-            Sink::Discard => Ok((Vec::new(), None)),
+            Sink::Discard => Ok((Vec::new(), None, None)),
             Sink::Jsonl { tmp, mut out, dest } => {
                 out.flush().map_err(|e| PrepError::io(tmp.path(), e))?;
                 drop(out); // finishes the gzip stream
                 tmp.as_file().sync_all().map_err(|e| PrepError::io(tmp.path(), e))?;
-                tmp.persist(&dest).map_err(|e| PrepError::io(&dest, e.error))?;
-                Ok((Vec::new(), None))
+                Ok((Vec::new(), None, Some(Staged { tmp, dest })))
             }
             Sink::Arrow { schema, target, .. } => {
                 let schema = schema.unwrap_or_else(empty_schema);
                 match target {
-                    ArrowTarget::Memory(batches) => Ok((batches, Some(schema))),
+                    ArrowTarget::Memory(batches) => Ok((batches, Some(schema), None)),
                     ArrowTarget::Parquet { tmp, writer, dest } => {
                         let writer = match writer {
                             Some(w) => w,
@@ -490,11 +502,30 @@ impl Sink {
                             message: e.to_string(),
                         })?;
                         tmp.as_file().sync_all().map_err(|e| PrepError::io(tmp.path(), e))?;
-                        tmp.persist(&dest).map_err(|e| PrepError::io(&dest, e.error))?;
-                        Ok((Vec::new(), Some(schema)))
+                        Ok((Vec::new(), Some(schema), Some(Staged { tmp, dest })))
                     }
                 }
             }
         }
+    }
+}
+
+/// A complete, fsynced output file waiting beside its destination under a temporary name.
+/// Dropping it removes the temporary file.
+pub struct Staged {
+    tmp: tempfile::NamedTempFile,
+    dest: PathBuf,
+}
+
+impl Staged {
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// Rename into place.
+    pub fn persist(self) -> Result<()> {
+        let dest = self.dest;
+        self.tmp.persist(&dest).map_err(|e| PrepError::io(&dest, e.error))?;
+        Ok(())
     }
 }

@@ -15,6 +15,7 @@ pub mod pairs;
 pub mod pipeline;
 pub mod rng;
 pub mod stats;
+pub mod steps;
 pub mod value;
 
 pub use error::{Loc, PrepError, Problem, RecordError};

@@ -16,6 +16,19 @@ pub fn prompt_seed(seed: u64, prompt_id: &str) -> u64 {
     h.digest()
 }
 
+/// A uniform number in [0, 1) for a keyed yes/no decision (e.g. whether to flip a pair):
+/// the top 53 bits of xxh3-64 of `"prefops" ‖ seed (u64 LE) ‖ domain ‖ 0x1f ‖ key`, times 2^-53.
+/// Depends only on the seed and the key, so decisions do not depend on batching or threads.
+pub fn keyed_unit(seed: u64, domain: &str, key: &str) -> f64 {
+    let mut h = Xxh3::new();
+    h.update(b"prefops");
+    h.update(&seed.to_le_bytes());
+    h.update(domain.as_bytes());
+    h.update(&[0x1f]);
+    h.update(key.as_bytes());
+    (h.digest() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
 /// SplitMix64 (Steele, Lea & Flood 2014).
 #[derive(Debug, Clone)]
 pub struct SplitMix64 {
@@ -99,6 +112,17 @@ mod tests {
             assert_eq!(c.len(), n.min(3));
             assert!(c.windows(2).all(|w| w[0] < w[1]));
         }
+    }
+
+    #[test]
+    fn keyed_unit_is_uniform_and_keyed() {
+        let u: Vec<f64> = (0..20_000).map(|i| keyed_unit(3, "flip", &format!("{i:016x}"))).collect();
+        assert!(u.iter().all(|&x| (0.0..1.0).contains(&x)));
+        let mean = u.iter().sum::<f64>() / u.len() as f64;
+        assert!((mean - 0.5).abs() < 0.01, "{mean}");
+        assert_eq!(keyed_unit(3, "flip", "k"), keyed_unit(3, "flip", "k"));
+        assert_ne!(keyed_unit(3, "flip", "k"), keyed_unit(4, "flip", "k"));
+        assert_ne!(keyed_unit(3, "flip", "k"), keyed_unit(3, "other", "k"));
     }
 
     #[test]

@@ -1,0 +1,477 @@
+//! Curry-DPO curriculum: order pairs easy→hard by a difficulty column, globally or as the
+//! iterative schedule (stage i = the i-th easiest pair of every prompt).
+//!
+//! Difficulty comes from one numeric column, by default `margin` (the score gap: a large gap
+//! is easy). With `descending_is_easy` (the default) larger values are easier, so the column
+//! sorted descending runs easy→hard; without it smaller values are easier (a loss, a
+//! difficulty score). Ties are broken by `pair_id` (byte order), then by input position, so the
+//! order is total and does not depend on batching or threads.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Range;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use arrow_array::{Array, ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
+use arrow_schema::{Field, Schema};
+use serde::Serialize;
+
+use super::{make_batch, numeric_column, par_map, row_error, set_column, text_column, Table, SLICE_ROWS};
+use crate::error::{PrepError, Problem, Result};
+use crate::pipeline::resolve_threads;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// All pairs in one easy→hard order.
+    Global,
+    /// A 0-based `stage` column: stage i holds the i-th easiest pair of every prompt that has
+    /// more than i pairs; rows ordered by stage, then easy→hard.
+    Stages,
+}
+
+impl Schedule {
+    pub fn name(self) -> &'static str {
+        match self {
+            Schedule::Global => "global",
+            Schedule::Stages => "stages",
+        }
+    }
+}
+
+impl fmt::Display for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Schedule {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "global" => Ok(Schedule::Global),
+            "stages" => Ok(Schedule::Stages),
+            _ => Err(format!("unknown curriculum schedule '{s}'; expected stages or global")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CurriculumOptions {
+    /// Numeric difficulty column.
+    pub by: String,
+    /// Larger values are easier (true: margins, reward gaps) or harder (false: losses).
+    pub descending_is_easy: bool,
+    pub schedule: Schedule,
+    /// 0 = $PREFOPS_NUM_THREADS, else the number of CPUs.
+    pub threads: usize,
+}
+
+impl Default for CurriculumOptions {
+    fn default() -> Self {
+        CurriculumOptions { by: "margin".into(), descending_is_easy: true, schedule: Schedule::Stages, threads: 0 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CurriculumStats {
+    pub rows: u64,
+    /// Distinct prompt ids (stages schedule only).
+    pub prompts: Option<u64>,
+    pub by: String,
+    pub descending_is_easy: bool,
+    pub schedule: &'static str,
+    /// Number of stages (0 for the global schedule).
+    pub stages: usize,
+    /// Pairs (= prompts) in each stage, stage 0 first.
+    pub pairs_per_stage: Vec<u64>,
+    pub difficulty_min: Option<f64>,
+    pub difficulty_max: Option<f64>,
+    pub difficulty_mean: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CurriculumResult {
+    pub table: Table,
+    /// Batches of each stage (stages schedule; a batch never spans two stages).
+    pub stage_batches: Vec<Range<usize>>,
+    pub stats: CurriculumStats,
+}
+
+impl CurriculumResult {
+    /// One table per stage, stage 0 first.
+    pub fn stage_tables(&self) -> Vec<Table> {
+        self.stage_batches
+            .iter()
+            .map(|r| Table {
+                source: self.table.source.clone(),
+                schema: self.table.schema.clone(),
+                batches: self.table.batches[r.clone()].to_vec(),
+            })
+            .collect()
+    }
+}
+
+/// Per-batch sort keys.
+struct Keys {
+    difficulty: Float64Array,
+    pair_id: StringArray,
+    prompt_id: Option<StringArray>,
+}
+
+/// One row to sort: difficulty as an order-preserving integer (easy first), the first 8 bytes
+/// of its pair id (big-endian, zero-padded: same order as the bytes), and its position.
+#[derive(Clone, Copy)]
+struct Item {
+    key: u64,
+    pair_prefix: u64,
+    batch: u32,
+    row: u32,
+}
+
+/// f64 → u64 with the same order (finite values; -0.0 taken as 0.0).
+fn ordered_bits(x: f64) -> u64 {
+    let bits = (x + 0.0).to_bits();
+    if bits >> 63 == 1 {
+        !bits
+    } else {
+        bits | (1 << 63)
+    }
+}
+
+fn prefix_u64(s: &str) -> u64 {
+    let mut b = [0u8; 8];
+    let n = s.len().min(8);
+    b[..n].copy_from_slice(&s.as_bytes()[..n]);
+    u64::from_be_bytes(b)
+}
+
+pub fn curriculum(table: &Table, opts: &CurriculumOptions) -> Result<CurriculumResult> {
+    let threads = resolve_threads(opts.threads);
+    let source = table.source.as_str();
+    let stages = opts.schedule == Schedule::Stages;
+    let di = table.column_index(&opts.by, "the difficulty of each pair")?;
+    let pi = table.column_index("pair_id", "ties in difficulty are broken by pair id")?;
+    let qi = if stages {
+        Some(table.column_index("prompt_id", "the stage schedule takes the i-th easiest pair of every prompt")?)
+    } else {
+        None
+    };
+    if table.batches.iter().any(|b| b.num_rows() > u32::MAX as usize) || table.batches.len() > u32::MAX as usize {
+        return Err(PrepError::Config(format!("{source}: a batch is too large (more than 2^32 rows)")));
+    }
+
+    let mut first_rows = Vec::with_capacity(table.batches.len());
+    let mut acc = 0u64;
+    for b in &table.batches {
+        first_rows.push(acc);
+        acc += b.num_rows() as u64;
+    }
+    let work: Vec<(u64, &RecordBatch)> = first_rows.iter().copied().zip(&table.batches).collect();
+    let by = opts.by.as_str();
+    let keys: Vec<Keys> = par_map(&work, threads, |&(first, b)| {
+        let difficulty = numeric_column(b, di, source, &format!("the curriculum difficulty (by '{by}')"))?;
+        for i in 0..difficulty.len() {
+            let row = first + i as u64;
+            if difficulty.is_null(i) {
+                return Err(row_error(source, row, by, Problem::MissingField, "no difficulty value (null)"));
+            }
+            let x = difficulty.value(i);
+            if !x.is_finite() {
+                return Err(row_error(source, row, by, Problem::NonFiniteScore, format!("difficulty must be finite, got {x}")));
+            }
+        }
+        let ids = |index: usize, name: &str| -> Result<StringArray> {
+            let a = text_column(b, index, source, "an id")?;
+            if let Some(i) = (0..a.len()).find(|&i| a.is_null(i)) {
+                return Err(row_error(source, first + i as u64, name, Problem::MissingField, format!("{name} is null")));
+            }
+            Ok(a)
+        };
+        let pair_id = ids(pi, "pair_id")?;
+        let prompt_id = qi.map(|q| ids(q, "prompt_id")).transpose()?;
+        Ok(Keys { difficulty, pair_id, prompt_id })
+    })?;
+
+    let n = table.num_rows();
+    let mut items: Vec<Item> = Vec::with_capacity(n);
+    let (mut dmin, mut dmax, mut dsum) = (f64::INFINITY, f64::NEG_INFINITY, 0.0);
+    for (bi, k) in keys.iter().enumerate() {
+        for (ri, &x) in k.difficulty.values().iter().enumerate() {
+            dmin = dmin.min(x);
+            dmax = dmax.max(x);
+            dsum += x;
+            let asc = ordered_bits(x);
+            items.push(Item {
+                key: if opts.descending_is_easy { !asc } else { asc },
+                pair_prefix: prefix_u64(k.pair_id.value(ri)),
+                batch: bi as u32,
+                row: ri as u32,
+            });
+        }
+    }
+    let cmp = |a: &Item, b: &Item| {
+        a.key
+            .cmp(&b.key)
+            .then(a.pair_prefix.cmp(&b.pair_prefix))
+            .then_with(|| {
+                keys[a.batch as usize].pair_id.value(a.row as usize).cmp(keys[b.batch as usize].pair_id.value(b.row as usize))
+            })
+            .then((a.batch, a.row).cmp(&(b.batch, b.row)))
+    };
+    sort_parallel(&mut items, threads, &cmp);
+
+    // Stage of each row: its position among its prompt's rows in the easy→hard order.
+    let mut chunks: Vec<(Option<i64>, Vec<(usize, usize)>)> = Vec::new();
+    let mut pairs_per_stage: Vec<u64> = Vec::new();
+    let mut prompts = None;
+    if stages {
+        let mut seen: HashMap<&str, u32, xxhash_rust::xxh3::Xxh3Builder> =
+            HashMap::with_hasher(xxhash_rust::xxh3::Xxh3Builder::new());
+        let mut stage_of: Vec<u32> = Vec::with_capacity(n);
+        for it in &items {
+            let pid = keys[it.batch as usize].prompt_id.as_ref().expect("stages read prompt ids").value(it.row as usize);
+            let c = seen.entry(pid).or_insert(0);
+            stage_of.push(*c);
+            if *c as usize == pairs_per_stage.len() {
+                pairs_per_stage.push(0);
+            }
+            pairs_per_stage[*c as usize] += 1;
+            *c += 1;
+        }
+        prompts = Some(seen.len() as u64);
+        // Stable counting sort by stage keeps the easy→hard order inside each stage.
+        let mut by_stage: Vec<Vec<(usize, usize)>> =
+            pairs_per_stage.iter().map(|&c| Vec::with_capacity(c as usize)).collect();
+        for (it, &s) in items.iter().zip(&stage_of) {
+            by_stage[s as usize].push((it.batch as usize, it.row as usize));
+        }
+        for (s, rows) in by_stage.into_iter().enumerate() {
+            for part in rows.chunks(SLICE_ROWS) {
+                chunks.push((Some(s as i64), part.to_vec()));
+            }
+        }
+    } else {
+        let order: Vec<(usize, usize)> = items.iter().map(|it| (it.batch as usize, it.row as usize)).collect();
+        for part in order.chunks(SLICE_ROWS) {
+            chunks.push((None, part.to_vec()));
+        }
+    }
+    drop(items);
+
+    let mut fields: Vec<Field> = table.schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut probe: Vec<ArrayRef> = table.schema.fields().iter().map(|f| arrow_array::new_empty_array(f.data_type())).collect();
+    if stages {
+        set_column(&mut fields, &mut probe, "stage", Arc::new(Int64Array::from(Vec::<i64>::new())));
+    }
+    let schema = Arc::new(Schema::new_with_metadata(fields, table.schema.metadata().clone()));
+    let stage_index = schema.index_of("stage").ok();
+    let ncols = table.schema.fields().len();
+    let columns: Vec<Vec<&dyn Array>> =
+        (0..ncols).map(|c| table.batches.iter().map(|b| b.column(c).as_ref()).collect()).collect();
+    let batches = par_map(&chunks, threads, |(stage, idx)| {
+        let mut cols: Vec<ArrayRef> = columns
+            .iter()
+            .map(|arrays| {
+                arrow_select::interleave::interleave(arrays, idx)
+                    .map_err(|e| PrepError::Config(format!("{source}: reordering rows: {e}")))
+            })
+            .collect::<Result<_>>()?;
+        if let (Some(s), Some(si)) = (stage, stage_index) {
+            let col: ArrayRef = Arc::new(Int64Array::from(vec![*s; idx.len()]));
+            if si < cols.len() {
+                cols[si] = col;
+            } else {
+                cols.push(col);
+            }
+        }
+        make_batch(schema.clone(), cols, idx.len())
+    })?;
+
+    let mut stage_batches = Vec::new();
+    if stages {
+        let mut start = 0;
+        for i in 0..=chunks.len() {
+            if i == chunks.len() || (i > start && chunks[i].0 != chunks[start].0) {
+                if i > start {
+                    stage_batches.push(start..i);
+                }
+                start = i;
+            }
+        }
+    }
+    let stats = CurriculumStats {
+        rows: n as u64,
+        prompts,
+        by: opts.by.clone(),
+        descending_is_easy: opts.descending_is_easy,
+        schedule: opts.schedule.name(),
+        stages: pairs_per_stage.len(),
+        pairs_per_stage,
+        difficulty_min: (n > 0).then_some(dmin),
+        difficulty_max: (n > 0).then_some(dmax),
+        difficulty_mean: (n > 0).then(|| dsum / n as f64),
+    };
+    Ok(CurriculumResult { table: Table { source: table.source.clone(), schema, batches }, stage_batches, stats })
+}
+
+/// Sort on `threads` threads: sort equal parts in parallel, then merge them pairwise. The
+/// comparison is a total order, so the result is the same for any thread count.
+fn sort_parallel<T: Copy + Send + Sync>(v: &mut Vec<T>, threads: usize, cmp: &(impl Fn(&T, &T) -> std::cmp::Ordering + Sync)) {
+    let parts = threads.min(v.len() / 16384).max(1);
+    if parts == 1 {
+        v.sort_unstable_by(cmp);
+        return;
+    }
+    let size = v.len().div_ceil(parts);
+    std::thread::scope(|s| {
+        for part in v.chunks_mut(size) {
+            s.spawn(move || part.sort_unstable_by(cmp));
+        }
+    });
+    let mut runs: Vec<Vec<T>> = v.chunks(size).map(|c| c.to_vec()).collect();
+    while runs.len() > 1 {
+        let mut pairs: Vec<(Vec<T>, Option<Vec<T>>)> = Vec::new();
+        let mut it = runs.into_iter();
+        while let Some(a) = it.next() {
+            pairs.push((a, it.next()));
+        }
+        runs = std::thread::scope(|s| {
+            let handles: Vec<_> = pairs
+                .into_iter()
+                .map(|(a, b)| {
+                    s.spawn(move || match b {
+                        None => a,
+                        Some(b) => merge_runs(&a, &b, cmp),
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("merge thread panicked")).collect()
+        });
+    }
+    *v = runs.pop().unwrap_or_default();
+}
+
+fn merge_runs<T: Copy>(a: &[T], b: &[T], cmp: &impl Fn(&T, &T) -> std::cmp::Ordering) -> Vec<T> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        if cmp(&b[j], &a[i]) == std::cmp::Ordering::Less {
+            out.push(b[j]);
+            j += 1;
+        } else {
+            out.push(a[i]);
+            i += 1;
+        }
+    }
+    out.extend_from_slice(&a[i..]);
+    out.extend_from_slice(&b[j..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Float64Type, Int64Type};
+    use arrow_schema::DataType;
+
+    fn table(rows: &[(&str, &str, f64)], batch: usize) -> Table {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("prompt_id", DataType::Utf8, true),
+            Field::new("pair_id", DataType::Utf8, true),
+            Field::new("margin", DataType::Float64, true),
+        ]));
+        let batches = rows
+            .chunks(batch)
+            .map(|c| {
+                RecordBatch::try_new(
+                    schema.clone(),
+                    vec![
+                        Arc::new(StringArray::from(c.iter().map(|r| r.0).collect::<Vec<_>>())),
+                        Arc::new(StringArray::from(c.iter().map(|r| r.1).collect::<Vec<_>>())),
+                        Arc::new(Float64Array::from(c.iter().map(|r| r.2).collect::<Vec<_>>())),
+                    ],
+                )
+                .unwrap()
+            })
+            .collect();
+        Table::new("t", schema, batches).unwrap()
+    }
+
+    fn col<'a>(t: &'a Table, name: &str) -> Vec<String> {
+        let i = t.schema.index_of(name).unwrap();
+        t.batches
+            .iter()
+            .flat_map(|b| {
+                let a = b.column(i);
+                (0..a.len())
+                    .map(|r| match a.data_type() {
+                        DataType::Utf8 => a.as_string::<i32>().value(r).to_string(),
+                        DataType::Int64 => a.as_primitive::<Int64Type>().value(r).to_string(),
+                        _ => a.as_primitive::<Float64Type>().value(r).to_string(),
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    const ROWS: &[(&str, &str, f64)] = &[
+        ("a", "a1", 1.0),
+        ("a", "a2", 3.0),
+        ("b", "b1", 2.0),
+        ("a", "a3", 2.0),
+        ("b", "b0", 2.0),
+        ("c", "c1", 0.5),
+    ];
+
+    #[test]
+    fn global_order_is_easy_to_hard_with_pair_id_ties() {
+        let r = curriculum(&table(ROWS, 2), &CurriculumOptions { schedule: Schedule::Global, ..Default::default() }).unwrap();
+        assert_eq!(col(&r.table, "pair_id"), ["a2", "a3", "b0", "b1", "a1", "c1"]);
+        assert!(r.table.schema.index_of("stage").is_err());
+        let asc = CurriculumOptions { schedule: Schedule::Global, descending_is_easy: false, ..Default::default() };
+        let r = curriculum(&table(ROWS, 4), &asc).unwrap();
+        assert_eq!(col(&r.table, "pair_id"), ["c1", "a1", "a3", "b0", "b1", "a2"]);
+    }
+
+    #[test]
+    fn stages_take_the_ith_easiest_pair_of_every_prompt() {
+        for (batch, threads) in [(1, 1), (2, 2), (6, 3)] {
+            let opts = CurriculumOptions { threads, ..Default::default() };
+            let r = curriculum(&table(ROWS, batch), &opts).unwrap();
+            assert_eq!(col(&r.table, "pair_id"), ["a2", "b0", "c1", "a3", "b1", "a1"]);
+            assert_eq!(col(&r.table, "stage"), ["0", "0", "0", "1", "1", "2"]);
+            assert_eq!(r.stats.pairs_per_stage, [3, 2, 1]);
+            assert_eq!(r.stats.prompts, Some(3));
+            let stages = r.stage_tables();
+            assert_eq!(stages.iter().map(|t| t.num_rows()).collect::<Vec<_>>(), [3, 2, 1]);
+        }
+    }
+
+    #[test]
+    fn errors_name_the_column_and_row() {
+        let mut t = table(ROWS, 6);
+        let e = curriculum(&t, &CurriculumOptions { by: "rm_margin".into(), ..Default::default() }).unwrap_err();
+        assert!(e.to_string().starts_with("t: missing column 'rm_margin'"), "{e}");
+        assert!(e.to_string().contains("prompt_id, pair_id, margin"), "{e}");
+        let nan = Float64Array::from(vec![1.0, 2.0, f64::NAN, 1.0, 1.0, 1.0]);
+        let b = &t.batches[0];
+        t.batches[0] = RecordBatch::try_new(b.schema(), vec![b.column(0).clone(), b.column(1).clone(), Arc::new(nan)]).unwrap();
+        let e = curriculum(&t, &CurriculumOptions::default()).unwrap_err();
+        assert_eq!(e.to_string(), "t: row 2, field 'margin': difficulty must be finite, got NaN");
+        let e = curriculum(&t, &CurriculumOptions { by: "pair_id".into(), ..Default::default() }).unwrap_err();
+        assert!(e.to_string().contains("column 'pair_id' is Utf8"), "{e}");
+    }
+
+    #[test]
+    fn parallel_sort_matches_sequential() {
+        let mut v: Vec<u64> = (0..100_000u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) % 1000).collect();
+        let mut w = v.clone();
+        sort_parallel(&mut v, 3, &|a: &u64, b: &u64| a.cmp(b));
+        w.sort();
+        assert_eq!(v, w);
+        assert!(ordered_bits(-1.0) < ordered_bits(-0.5) && ordered_bits(-0.0) == ordered_bits(0.0));
+        assert!(ordered_bits(0.0) < ordered_bits(1e-300) && ordered_bits(2.0) < ordered_bits(f64::MAX));
+    }
+}

@@ -1,0 +1,225 @@
+//! The pairs table in memory, and reading/writing it as JSONL or Parquet (atomically).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use arrow_array::RecordBatch;
+use arrow_schema::{Schema, SchemaRef};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use super::{column_error, par_map, SLICE_ROWS};
+use crate::arrow_out::{conform, merged_schema, rows_to_batch};
+use crate::error::{Loc, PrepError, Problem, RecordError, Result};
+use crate::io::{read_file, sniff, Chunk, Encoding, FileKind, Output, Sink, Staged};
+use crate::value::Value;
+
+/// Record batches sharing one schema, with the name of where they came from (for errors).
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub source: String,
+    pub schema: SchemaRef,
+    pub batches: Vec<RecordBatch>,
+}
+
+impl Table {
+    /// Batches whose schema differs from `schema` (e.g. only in metadata) are cast to it.
+    pub fn new(source: impl Into<String>, schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<Table> {
+        let source = source.into();
+        let mut row = 0u64;
+        let batches = batches
+            .into_iter()
+            .filter(|b| b.num_rows() > 0)
+            .map(|b| {
+                let loc = Loc::Row(row);
+                row += b.num_rows() as u64;
+                if b.schema_ref() == &schema {
+                    Ok(b)
+                } else if b.schema_ref().fields() == schema.fields() {
+                    super::make_batch(schema.clone(), b.columns().to_vec(), b.num_rows())
+                } else {
+                    conform(&b, &schema).map_err(|message| PrepError::Schema { source: source.clone(), loc, message })
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Table { source, schema, batches })
+    }
+
+    pub fn num_rows(&self) -> usize {
+        self.batches.iter().map(|b| b.num_rows()).sum()
+    }
+
+    pub fn column_names(&self) -> Vec<&str> {
+        self.schema.fields().iter().map(|f| f.name().as_str()).collect()
+    }
+
+    /// Index of a column, or an error naming it, what needs it, and the columns there are.
+    pub fn column_index(&self, name: &str, needed_for: &str) -> Result<usize> {
+        self.schema.index_of(name).map_err(|_| {
+            column_error(
+                &self.source,
+                format!(
+                    "missing column '{name}' ({needed_for}); the table has: {}",
+                    if self.schema.fields().is_empty() { "no columns".to_string() } else { self.column_names().join(", ") }
+                ),
+            )
+        })
+    }
+
+    /// Zero-copy slices of at most `max_rows` rows, with the index of their first row.
+    pub fn slices(&self, max_rows: usize) -> Vec<(u64, RecordBatch)> {
+        let mut out = Vec::new();
+        let mut first = 0u64;
+        for b in &self.batches {
+            let mut offset = 0;
+            while offset < b.num_rows() {
+                let len = max_rows.min(b.num_rows() - offset);
+                out.push((first + offset as u64, b.slice(offset, len)));
+                offset += len;
+            }
+            first += b.num_rows() as u64;
+        }
+        out
+    }
+}
+
+/// Read a .jsonl / .jsonl.gz / .json (array or JSONL) / .parquet file into a table. JSON
+/// column types are inferred over the whole file (integers and floats mixed give Float64).
+pub fn read_table(path: &Path, threads: usize) -> Result<Table> {
+    let source = path.display().to_string();
+    if !path.is_file() {
+        return Err(PrepError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")));
+    }
+    if sniff(path)? == FileKind::Parquet {
+        let file = std::fs::File::open(path).map_err(|e| PrepError::io(path, e))?;
+        let parquet = |e: parquet::errors::ParquetError| PrepError::Parquet { path: source.clone(), message: e.to_string() };
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet)?;
+        let schema = builder.schema().clone();
+        let reader = builder.with_batch_size(SLICE_ROWS).build().map_err(parquet)?;
+        let batches = reader
+            .map(|b| b.map_err(|e| PrepError::Parquet { path: source.clone(), message: e.to_string() }))
+            .collect::<Result<Vec<_>>>()?;
+        return Table::new(source, schema, batches);
+    }
+    let chunks: Vec<Chunk> =
+        read_file(path, 4 << 20, SLICE_ROWS, Arc::new(AtomicU64::new(0)))?.collect::<Result<Vec<_>>>()?;
+    let batches = par_map(&chunks, crate::pipeline::resolve_threads(threads), |chunk| {
+        let mut rows: Vec<Value<'_>> = Vec::new();
+        chunk.for_each_record(|loc, parsed| {
+            let record_error = |error: RecordError| PrepError::Record { source: source.clone(), error: error.at(loc) };
+            match parsed {
+                Err(e) => Err(record_error(e)),
+                Ok(v @ Value::Object(_)) => {
+                    rows.push(v);
+                    Ok(())
+                }
+                Ok(v) => Err(record_error(RecordError::new(
+                    Problem::WrongType,
+                    None,
+                    format!("expected a JSON object (one pair per record), got {}", v.type_name()),
+                ))),
+            }
+        })?;
+        Ok(rows_to_batch(&rows, &[]))
+    })?;
+    let schema = merged_schema(batches.iter());
+    Table::new(source, schema, batches)
+}
+
+/// `pairs.parquet` → `pairs.stage0.parquet`; `pairs.jsonl.gz` → `pairs.stage0.jsonl.gz`.
+pub fn stage_path(path: &Path, stage: usize) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let lower = name.to_ascii_lowercase();
+    let ext_len = [".jsonl.gz", ".ndjson", ".jsonl", ".parquet", ".pq"]
+        .iter()
+        .find(|e| lower.ends_with(*e) && lower.len() > e.len())
+        .map(|e| e.len())
+        .or_else(|| name.rfind('.').filter(|&i| i > 0).map(|i| name.len() - i))
+        .unwrap_or(0);
+    let (stem, ext) = name.split_at(name.len() - ext_len);
+    path.with_file_name(format!("{stem}.stage{stage}{ext}"))
+}
+
+fn jsonl_bytes(batch: &RecordBatch) -> Result<Vec<u8>> {
+    let columns = crate::arrow_in::prepare_batch(batch).map_err(PrepError::Config)?;
+    let mut buf = Vec::with_capacity(batch.get_array_memory_size());
+    for row in crate::arrow_in::rows(&columns) {
+        serde_json::to_writer(&mut buf, &row).expect("writing JSON to a Vec cannot fail");
+        buf.push(b'\n');
+    }
+    Ok(buf)
+}
+
+fn write_staged(path: &Path, table: &Table, threads: usize) -> Result<Staged> {
+    let output = Output::File(path.to_path_buf());
+    let encoding = output.encoding()?;
+    let mut sink = Sink::open(&output, &table.source)?;
+    let slices = table.slices(SLICE_ROWS);
+    match encoding {
+        Encoding::Jsonl => {
+            // A few slices at a time so that memory stays near the size of the table.
+            for window in slices.chunks(threads.max(1) * 2) {
+                for bytes in par_map(window, threads, |(_, b)| jsonl_bytes(b))? {
+                    sink.write_bytes(&bytes)?;
+                }
+            }
+        }
+        _ => {
+            for (first, b) in slices {
+                sink.write_batch(Loc::Row(first), b)?;
+            }
+        }
+    }
+    let schema = table.schema.clone();
+    let (_, _, staged) = sink.finish_staged(|| schema)?;
+    staged.ok_or_else(|| PrepError::Config(format!("{}: internal: file output was not staged", path.display())))
+}
+
+/// Write each table to its path (.jsonl, .jsonl.gz or .parquet). All files are written and
+/// fsynced under temporary names first and renamed into place only when every one is
+/// complete: on error none of them appears (a failure among the final renames removes those
+/// already renamed).
+pub fn write_tables(outputs: &[(PathBuf, &Table)], threads: usize) -> Result<()> {
+    let threads = crate::pipeline::resolve_threads(threads);
+    for (i, (p, _)) in outputs.iter().enumerate() {
+        if outputs[..i].iter().any(|(q, _)| q == p) {
+            return Err(PrepError::Config(format!("{}: the same output path is given twice", p.display())));
+        }
+    }
+    let mut staged = Vec::with_capacity(outputs.len());
+    for (path, table) in outputs {
+        staged.push(write_staged(path, table, threads)?);
+    }
+    let mut done: Vec<PathBuf> = Vec::new();
+    for s in staged {
+        let dest = s.dest().to_path_buf();
+        if let Err(e) = s.persist() {
+            for d in &done {
+                let _ = std::fs::remove_file(d);
+            }
+            return Err(e);
+        }
+        done.push(dest);
+    }
+    Ok(())
+}
+
+/// An empty table with no columns.
+pub fn empty(source: &str) -> Table {
+    Table { source: source.to_string(), schema: Arc::new(Schema::empty()), batches: Vec::new() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_paths() {
+        let p = |s: &str, i| stage_path(Path::new(s), i).display().to_string();
+        assert_eq!(p("out/pairs.parquet", 0), "out/pairs.stage0.parquet");
+        assert_eq!(p("pairs.jsonl.gz", 3), "pairs.stage3.jsonl.gz");
+        assert_eq!(p("pairs.JSONL", 1), "pairs.stage1.JSONL");
+        assert_eq!(p("a.b.jsonl", 2), "a.b.stage2.jsonl");
+        assert_eq!(p("noext", 2), "noext.stage2");
+    }
+}
