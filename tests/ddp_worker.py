@@ -1,6 +1,8 @@
-"""One rank of the DDP test (gloo, CPU): each rank trains on its half of the pairs through a
-DDP-wrapped tiny LM and saves the synchronised gradients. Launched twice by the test."""
+"""One rank of the data-parallel tests (gloo, CPU): each rank computes the loss on its half of the
+pairs through a DDP- or FSDP2-wrapped tiny LM and saves the synchronised (full) gradients.
+Launched twice by the test: ``ddp_worker.py OUT_DIR ddp|fsdp2``."""
 
+import os
 import sys
 
 import torch
@@ -43,17 +45,29 @@ def models():
 LOSS = dict(beta=0.2, loss_type=["sigmoid", "nll_mean"], loss_weights=[1.0, 0.3])
 
 
-def main(out_dir):
+def main(out_dir, mode):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     policy, ref = models()
-    ddp = DistributedDataParallel(policy)
+    if mode == "ddp":
+        wrapped = DistributedDataParallel(policy)
+    else:  # FSDP2: each decoder layer and the root sharded over the 2 ranks
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in policy.model.layers:
+            fully_shard(layer)
+        wrapped = fully_shard(policy)
     pairs = list(range(rank * PAIRS_PER_RANK, (rank + 1) * PAIRS_PER_RANK))
-    loss, _ = causal_lm_preference_loss(ddp, batch_of(pairs), ref_model=ref, **LOSS)
+    loss, _ = causal_lm_preference_loss(wrapped, batch_of(pairs), ref_model=ref, **LOSS)
     loss.backward()
-    torch.save({n: p.grad for n, p in policy.named_parameters()}, f"{out_dir}/rank{rank}.pt")
+    grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+             for n, p in policy.named_parameters()}
+    torch.save(grads, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown: gloo + FSDP2 threads can abort at exit after the work is done
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

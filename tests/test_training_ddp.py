@@ -1,5 +1,5 @@
-"""The causal-LM helper under DistributedDataParallel (2 gloo ranks on CPU) gives the gradients of
-one process on the combined batch."""
+"""The causal-LM helper under DistributedDataParallel and FSDP2 (fully_shard), 2 gloo ranks on
+CPU, gives the gradients of one process on the combined batch."""
 
 import os
 import socket
@@ -25,13 +25,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_gradients_equal_single_process_on_combined_batch(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_data_parallel_gradients_equal_single_process_on_combined_batch(tmp_path, mode):
     port = free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                    OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-        procs.append(subprocess.Popen([sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path)], env=env,
+        procs.append(subprocess.Popen([sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path), mode], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for p in procs:
         out, _ = p.communicate(timeout=300)

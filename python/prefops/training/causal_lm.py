@@ -105,7 +105,11 @@ def _backbone(inner):
 
 
 def _is_wrapped(model) -> bool:
-    return hasattr(model, "module") and isinstance(model.module, torch.nn.Module)
+    """DDP / FSDP1 wrappers (``.module``) and FSDP2 roots (``fully_shard``): their forward must run
+    (it gathers parameters and sets up gradient synchronisation)."""
+    if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        return True
+    return any(type(m).__name__.startswith("FSDP") for m in (model, _unwrap(model)))
 
 
 def last_hidden_states(model, input_ids: torch.Tensor, *, attention_mask: Optional[torch.Tensor] = None,
@@ -255,10 +259,10 @@ def causal_lm_preference_loss(
     Returns:
         (loss, metrics), metrics TRL-named and detached.
     """
-    head = lm_head_of(model)
+    hidden, targets, token_weights = _hidden_and_targets(model, batch, _shifted_weights(batch))
+    head = lm_head_of(model)  # after the forward: FSDP2 roots keep their parameters gathered until backward
     common = dict(bias=head.bias, temperature=head.temperature, logit_softcap=head.logit_softcap, backend=backend,
                   chunk_elements=chunk_elements)
-    hidden, targets, token_weights = _hidden_and_targets(model, batch, _shifted_weights(batch))
     if loss == "simpo":
         return simpo_loss_from_hidden(hidden, head.weight, targets, **common, **loss_kwargs)
     if loss != "dpo":
