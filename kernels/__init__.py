@@ -5,4 +5,4 @@ first called on a GPU tensor (or under ``TRITON_INTERPRET=1``). The torch refere
 every kernel lives in ``prefops.ops``.
 """
 
-KERNELS = ("token_logprobs",)
+KERNELS = ("token_logprobs", "diffusion_dpo")

@@ -10,6 +10,7 @@ Sequence-level (per-sequence log-probs in): ``dpo_loss`` (every DPO-family loss 
 from prefops.losses.modules import DPOLoss, SimPOLoss, TABPOLoss
 from prefops.losses.listwise import LISTWISE_LOSS_TYPES, listwise_loss, pad_lists
 from prefops.losses.unpaired import BCOLoss, RunningMean, bco_loss, kto_loss
+from prefops.losses.diffusion import diffusion_dpo_loss, diffusion_kto_loss, diffusion_mse, rank_dpo_loss, smpo_loss
 from prefops.losses.fused import dpo_loss_from_hidden, simpo_loss_from_hidden, tabpo_loss_from_hidden
 from prefops.losses.pairwise import F_DIVERGENCES, LOSS_TYPES, dpo_loss, madpo_weights, preference_metrics, simpo_loss
 from prefops.losses.token_weights import (
@@ -22,4 +23,5 @@ __all__ = [
     "F_DIVERGENCES", "LOSS_TYPES", "dpo_loss", "dpo_loss_from_hidden", "ld_dpo_weights", "madpo_weights",
     "preference_metrics", "simpo_loss", "simpo_loss_from_hidden", "tabpo_diff_weights", "tabpo_loss_from_hidden", "tgdpo_token_weights", "weighted_sequence_logps",
     "wpo_pair_weights",
+    "diffusion_dpo_loss", "diffusion_kto_loss", "diffusion_mse", "rank_dpo_loss", "smpo_loss",
 ]

@@ -1,0 +1,131 @@
+"""One Diffusion-DPO training step for a diffusers UNet (``UNet2DConditionModel`` or anything
+called as ``unet(noisy_latents, timesteps, encoder_hidden_states, ...)``).
+
+    loss, metrics = diffusion_dpo_step(unet, ref_unet, noise_scheduler, latents_chosen, latents_rejected,
+                                       encoder_hidden_states, beta=5000.0)
+    loss.backward(); optimizer.step()
+
+Each pair gets one timestep and one noise draw, shared by its winner and loser (as in the
+Diffusion-DPO scripts); the policy runs with gradient and the reference under ``no_grad`` on
+the same [2B] batch (winners first), and ``prefops.losses.diffusion_dpo_loss`` does the rest.
+The reference is ``ref_unet`` (a frozen copy), or, with ``ref_unet=None``, the policy itself with
+its LoRA adapters switched off: a peft ``PeftModel`` (``disable_adapter()``) or a diffusers model
+with adapters added by ``unet.add_adapter(LoraConfig(...))`` (``disable_adapters()`` /
+``enable_adapters()``).
+
+Batches from a Pick-a-Pic-style pairs table (``prefops prep`` output: prompt, chosen, rejected with
+image references): load both images of each row, normalise to [-1, 1], encode them with the VAE
+(``vae.encode(x).latent_dist.sample() * vae.config.scaling_factor``) into ``latents_chosen`` and
+``latents_rejected`` ([B, 4, h, w] each), and the prompts with the text encoder into
+``encoder_hidden_states`` ([B, L, D]; the step repeats it for the losers).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+
+from prefops.losses.diffusion import diffusion_dpo_loss
+
+__all__ = ["diffusion_dpo_step", "adapters_disabled"]
+
+
+@contextmanager
+def adapters_disabled(model):
+    """Run ``model`` as its base model: peft's ``disable_adapter()`` context, or diffusers'
+    ``disable_adapters()`` … ``enable_adapters()``. DDP wrappers are looked through."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "disable_adapter") and hasattr(inner, "peft_config"):  # peft.PeftModel
+        with inner.disable_adapter():
+            yield
+    elif getattr(inner, "_hf_peft_config_loaded", False):  # diffusers PeftAdapterMixin with adapters
+        inner.disable_adapters()
+        try:
+            yield
+        finally:
+            inner.enable_adapters()
+    else:
+        raise ValueError("ref_unet=None needs a model with LoRA adapters (peft.get_peft_model or "
+                         "unet.add_adapter(LoraConfig(...))); otherwise pass a frozen copy as ref_unet")
+
+
+def _repeat2(x: torch.Tensor, B: int) -> torch.Tensor:
+    """Conditioning given per pair ([B, ...]) is repeated for the losers; [2B, ...] is kept."""
+    return torch.cat([x, x]) if x.shape[0] == B else x
+
+
+def _target(scheduler, latents, noise, timesteps):
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise ValueError(f"unknown prediction_type {kind!r}")
+
+
+def diffusion_dpo_step(
+    unet,
+    ref_unet,
+    noise_scheduler,
+    latents_chosen: torch.Tensor,
+    latents_rejected: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    *,
+    beta: float = 5000.0,
+    convention: str = "original",
+    loss_type: str = "sigmoid",
+    generator: Optional[torch.Generator] = None,
+    noise: Optional[torch.Tensor] = None,
+    timesteps: Optional[torch.Tensor] = None,
+    added_cond_kwargs: Optional[dict] = None,
+    sample_weights: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+):
+    """Diffusion-DPO loss of one batch of B pairs; returns (loss, metrics) of ``diffusion_dpo_loss``.
+
+    Args:
+        latents_chosen, latents_rejected: [B, C, h, w] clean (VAE-scaled) latents.
+        encoder_hidden_states: [B, L, D] text states (or [2B, ...] already repeated).
+        generator: draws the noise ([B, ...], first) then the timesteps ([B], uniform over
+            ``num_train_timesteps``) on the generator's device, unless ``noise`` / ``timesteps``
+            are given.
+        added_cond_kwargs: e.g. SDXL's {"text_embeds", "time_ids"}, [B, ...] or [2B, ...] each.
+        beta, convention, loss_type, sample_weights, backend: as ``diffusion_dpo_loss``
+            (loss_type "sft" skips the reference pass).
+    The target follows ``noise_scheduler.config.prediction_type`` (epsilon, v_prediction, sample).
+    """
+    B = latents_chosen.shape[0]
+    if latents_rejected.shape != latents_chosen.shape:
+        raise ValueError(f"latents_chosen {tuple(latents_chosen.shape)} and latents_rejected "
+                         f"{tuple(latents_rejected.shape)} differ")
+    device = latents_chosen.device
+    gen_device = generator.device if generator is not None else device
+    if noise is None:
+        noise = torch.randn(latents_chosen.shape, generator=generator, device=gen_device, dtype=latents_chosen.dtype)
+    if timesteps is None:
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (B,), generator=generator,
+                                  device=gen_device)
+    latents = torch.cat([latents_chosen, latents_rejected])
+    noise = _repeat2(noise.to(device), B)
+    timesteps = _repeat2(timesteps.to(device).long(), B)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    target = _target(noise_scheduler, latents, noise, timesteps)
+    cond = {"encoder_hidden_states": _repeat2(encoder_hidden_states, B)}
+    if added_cond_kwargs is not None:
+        cond["added_cond_kwargs"] = {k: _repeat2(v, B) for k, v in added_cond_kwargs.items()}
+
+    model_pred = unet(noisy, timesteps, **cond, return_dict=False)[0]
+    ref_pred = None
+    if loss_type != "sft":
+        with torch.no_grad():
+            if ref_unet is not None:
+                ref_pred = ref_unet(noisy, timesteps, **cond, return_dict=False)[0]
+            else:
+                with adapters_disabled(unet):
+                    ref_pred = unet(noisy, timesteps, **cond, return_dict=False)[0]
+    return diffusion_dpo_loss(model_pred, ref_pred, target, beta=beta, convention=convention, loss_type=loss_type,
+                              sample_weights=sample_weights, backend=backend)
