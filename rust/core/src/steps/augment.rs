@@ -325,8 +325,9 @@ pub fn reward_augment(table: &Table, opts: &AugmentOptions) -> Result<(Table, Au
                         name,
                         Problem::NonFiniteScore,
                         format!(
-                            "reward augmentation needs a finite score, got {got} (ranked data has no scores: \
-                             use the rank columns, e.g. --score-columns rank_chosen rank_rejected)"
+                            "reward augmentation needs a finite score, got {got} (pairs made from ranked or \
+                             unscored data have no scores: take them from other columns, e.g. rank_chosen and \
+                             rank_rejected)"
                         ),
                     ));
                 }

@@ -120,13 +120,15 @@ struct Keys {
 }
 
 /// One row to sort: difficulty as an order-preserving integer (easy first), the first 8 bytes
-/// of its pair id (big-endian, zero-padded: same order as the bytes), and its position.
+/// of its pair id (big-endian, zero-padded: same order as the bytes), its position, and the
+/// index of its prompt (stages schedule).
 #[derive(Clone, Copy)]
 struct Item {
     key: u64,
     pair_prefix: u64,
     batch: u32,
     row: u32,
+    prompt: u32,
 }
 
 /// f64 → u64 with the same order (finite values; -0.0 taken as 0.0).
@@ -194,6 +196,11 @@ pub fn curriculum(table: &Table, opts: &CurriculumOptions) -> Result<CurriculumR
     })?;
 
     let n = table.num_rows();
+    // Prompt ids → dense indices, in input order (rows of a prompt usually sit together, so
+    // most rows reuse the previous row's index without hashing).
+    let mut prompt_index: HashMap<&str, u32, xxhash_rust::xxh3::Xxh3Builder> =
+        HashMap::with_hasher(xxhash_rust::xxh3::Xxh3Builder::new());
+    let mut last: Option<(&str, u32)> = None;
     let mut items: Vec<Item> = Vec::with_capacity(n);
     let (mut dmin, mut dmax, mut dsum) = (f64::INFINITY, f64::NEG_INFINITY, 0.0);
     for (bi, k) in keys.iter().enumerate() {
@@ -202,14 +209,32 @@ pub fn curriculum(table: &Table, opts: &CurriculumOptions) -> Result<CurriculumR
             dmax = dmax.max(x);
             dsum += x;
             let asc = ordered_bits(x);
+            let prompt = match &k.prompt_id {
+                None => 0,
+                Some(ids) => {
+                    let id = ids.value(ri);
+                    match last {
+                        Some((prev, p)) if prev == id => p,
+                        _ => {
+                            let next = prompt_index.len() as u32;
+                            let p = *prompt_index.entry(id).or_insert(next);
+                            last = Some((id, p));
+                            p
+                        }
+                    }
+                }
+            };
             items.push(Item {
                 key: if opts.descending_is_easy { !asc } else { asc },
                 pair_prefix: prefix_u64(k.pair_id.value(ri)),
                 batch: bi as u32,
                 row: ri as u32,
+                prompt,
             });
         }
     }
+    let prompts_seen = prompt_index.len();
+    drop(prompt_index);
     let cmp = |a: &Item, b: &Item| {
         a.key
             .cmp(&b.key)
@@ -226,12 +251,10 @@ pub fn curriculum(table: &Table, opts: &CurriculumOptions) -> Result<CurriculumR
     let mut pairs_per_stage: Vec<u64> = Vec::new();
     let mut prompts = None;
     if stages {
-        let mut seen: HashMap<&str, u32, xxhash_rust::xxh3::Xxh3Builder> =
-            HashMap::with_hasher(xxhash_rust::xxh3::Xxh3Builder::new());
+        let mut seen: Vec<u32> = vec![0; prompts_seen];
         let mut stage_of: Vec<u32> = Vec::with_capacity(n);
         for it in &items {
-            let pid = keys[it.batch as usize].prompt_id.as_ref().expect("stages read prompt ids").value(it.row as usize);
-            let c = seen.entry(pid).or_insert(0);
+            let c = &mut seen[it.prompt as usize];
             stage_of.push(*c);
             if *c as usize == pairs_per_stage.len() {
                 pairs_per_stage.push(0);
@@ -239,7 +262,7 @@ pub fn curriculum(table: &Table, opts: &CurriculumOptions) -> Result<CurriculumR
             pairs_per_stage[*c as usize] += 1;
             *c += 1;
         }
-        prompts = Some(seen.len() as u64);
+        prompts = Some(prompts_seen as u64);
         // Stable counting sort by stage keeps the easy→hard order inside each stage.
         let mut by_stage: Vec<Vec<(usize, usize)>> =
             pairs_per_stage.iter().map(|&c| Vec::with_capacity(c as usize)).collect();

@@ -222,4 +222,53 @@ mod tests {
         assert_eq!(p("a.b.jsonl", 2), "a.b.stage2.jsonl");
         assert_eq!(p("noext", 2), "noext.stage2");
     }
+
+    fn sample(dir: &Path) -> PathBuf {
+        let path = dir.join("in.jsonl");
+        std::fs::write(
+            &path,
+            "{\"pair_id\":\"a\",\"chosen\":\"x\",\"rejected\":\"y\",\"margin\":1,\"n\":null}\n\
+             {\"pair_id\":\"b\",\"chosen\":[{\"role\":\"assistant\",\"content\":\"hi\"}],\"rejected\":\"z\",\"margin\":2.5,\"n\":3}\n",
+        )
+        .unwrap();
+        path
+    }
+
+    #[test]
+    fn jsonl_and_parquet_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = read_table(&sample(dir.path()), 2).unwrap();
+        assert_eq!(t.num_rows(), 2);
+        assert_eq!(t.schema.field_with_name("margin").unwrap().data_type(), &arrow_schema::DataType::Float64);
+        assert_eq!(t.schema.field_with_name("n").unwrap().data_type(), &arrow_schema::DataType::Int64);
+        let (pq, jl) = (dir.path().join("o.parquet"), dir.path().join("o.jsonl.gz"));
+        write_tables(&[(pq.clone(), &t), (jl.clone(), &t)], 2).unwrap();
+        let back = read_table(&pq, 1).unwrap();
+        assert_eq!(back.schema.fields(), t.schema.fields());
+        assert_eq!(back.batches[0].columns(), t.batches[0].columns());
+        let back = read_table(&jl, 1).unwrap();
+        assert_eq!(back.batches[0].columns(), t.batches[0].columns());
+        let e = read_table(&dir.path().join("missing.jsonl"), 1).unwrap_err().to_string();
+        assert!(e.contains("missing.jsonl: no such file"), "{e}");
+        std::fs::write(dir.path().join("bad.jsonl"), "{}\n[1]\n").unwrap();
+        let e = read_table(&dir.path().join("bad.jsonl"), 1).unwrap_err().to_string();
+        assert!(e.ends_with("bad.jsonl: line 2: expected a JSON object (one pair per record), got list"), "{e}");
+    }
+
+    #[test]
+    fn several_outputs_appear_together_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = read_table(&sample(dir.path()), 1).unwrap();
+        let (a, b) = (dir.path().join("a.jsonl"), dir.path().join("b.parquet"));
+        std::fs::create_dir(&b).unwrap(); // renaming onto a directory fails
+        assert!(write_tables(&[(a.clone(), &t), (b.clone(), &t)], 1).is_err());
+        let mut left: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["b.parquet", "in.jsonl"]);
+        let e = write_tables(&[(a.clone(), &t), (a.clone(), &t)], 1).unwrap_err().to_string();
+        assert!(e.contains("given twice"), "{e}");
+        write_tables(&[(a.clone(), &t)], 1).unwrap();
+        assert_eq!(std::fs::read_to_string(&a).unwrap().lines().count(), 2);
+    }
 }
