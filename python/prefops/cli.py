@@ -105,7 +105,7 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prep-only", action="store_true", help="only the data preparation part (no torch needed)")
     d.add_argument("--lm-steps", type=_positive_int, default=30, help="DPO steps on the tiny LM (default 30)")
     d.add_argument("--lm-pairs", type=_positive_int, default=64, help="HH pairs to train on (default 64)")
-    d.add_argument("--unet-steps", type=_positive_int, default=10, help="Diffusion-DPO steps (default 10)")
+    d.add_argument("--unet-steps", type=_positive_int, default=15, help="Diffusion-DPO steps (default 15)")
     d.add_argument("--seed", type=int, default=0)
     return parser
 

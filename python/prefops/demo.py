@@ -101,7 +101,7 @@ def train_lm_dpo(rows, *, steps: int = 30, batch_size: int = 8, max_length: int 
     return history
 
 
-def train_diffusion_dpo(*, steps: int = 10, pairs: int = 4, beta: float = 500.0, lr: float = 1e-3, seed: int = 0,
+def train_diffusion_dpo(*, steps: int = 15, pairs: int = 8, beta: float = 500.0, lr: float = 3e-4, seed: int = 0,
                         log=None) -> dict:
     """Diffusion-DPO steps on a tiny UNet2DConditionModel with random latents and text states;
     the reference is a frozen copy of the initial UNet."""
@@ -122,12 +122,15 @@ def train_diffusion_dpo(*, steps: int = 10, pairs: int = 4, beta: float = 500.0,
     latents_l = torch.randn(pairs, 4, 8, 8, generator=gen)
     text = torch.randn(pairs, 6, 32, generator=gen)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr)
+    # A toy: one fixed draw of timesteps and noise per pair, so the curve shows the optimisation
+    # itself (with fresh draws every step the loss of 8 pairs jumps around far more than it moves).
+    fixed = dict(noise=torch.randn(pairs, 4, 8, 8, generator=gen),
+                 timesteps=torch.randint(0, scheduler.config.num_train_timesteps, (pairs,), generator=gen))
     _print(f"tiny UNet: {sum(p.numel() for p in unet.parameters()) / 1e3:.0f}k parameters, {pairs} pairs of 4x8x8 "
-           f"latents, beta {beta}", log)
+           f"latents, beta {beta}, one fixed timestep and noise per pair", log)
     history = {"step": [], "loss": [], "accuracy": []}
     for step in range(1, steps + 1):
-        loss, metrics = diffusion_dpo_step(unet, ref, scheduler, latents_w, latents_l, text, beta=beta,
-                                           generator=gen)
+        loss, metrics = diffusion_dpo_step(unet, ref, scheduler, latents_w, latents_l, text, beta=beta, **fixed)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
