@@ -1,9 +1,6 @@
 """Distributed behaviour on 2 gloo ranks (CPU): vocab-parallel token_logprobs equals the unsharded op;
 KTO and BCO batch statistics are synchronised."""
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,26 +13,12 @@ from prefops.ops import token_logprobs  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import vocab_parallel_worker as worker  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from launch_ranks import run_ranks  # noqa: E402
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_vocab_parallel_equals_unsharded(tmp_path, backend):
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                   PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-        procs.append(subprocess.Popen([sys.executable, str(HERE / "vocab_parallel_worker.py"), str(tmp_path), backend],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        out, _ = p.communicate(timeout=240)
-        assert p.returncode == 0, out
+    run_ranks("vocab_parallel_worker.py", tmp_path, backend, timeout=240)
 
     x, w, b, t, upstream = worker.problem()
     x.requires_grad_()
@@ -62,15 +45,7 @@ def test_kto_kl_and_bco_delta_are_the_same_on_every_rank(tmp_path):
 
     import unpaired_sync_worker as uw
 
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-        procs.append(subprocess.Popen([sys.executable, str(HERE / "unpaired_sync_worker.py"), str(tmp_path / "out")],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        out, _ = p.communicate(timeout=240)
-        assert p.returncode == 0, out
+    run_ranks("unpaired_sync_worker.py", tmp_path / "out", timeout=240)
     got = [json.loads((tmp_path / f"out.rank{r}").read_text()) for r in range(2)]
     data = [uw.rank_data(r) for r in range(2)]
     # KTO: the mean over ranks of each rank's mean KL estimate (TRL's gather-then-mean), clamped at 0.

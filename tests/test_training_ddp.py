@@ -1,9 +1,6 @@
 """The causal-LM helper under DistributedDataParallel and FSDP2 (fully_shard), 2 gloo ranks on
 CPU, gives the gradients of one process on the combined batch."""
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,28 +12,14 @@ pytest.importorskip("transformers")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import ddp_worker as worker  # noqa: E402
+from launch_ranks import run_ranks  # noqa: E402
 
 from prefops.training import causal_lm_preference_loss  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_data_parallel_gradients_equal_single_process_on_combined_batch(tmp_path, mode):
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                   OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-        procs.append(subprocess.Popen([sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path), mode], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out
+    run_ranks("ddp_worker.py", tmp_path, mode)
 
     policy, ref = worker.models()
     combined = worker.batch_of(list(range(2 * worker.PAIRS_PER_RANK)))

@@ -327,7 +327,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(f"\n== DPO on a tiny causal LM (fused loss, CPU), {args.lm_pairs} HH pairs")
     rows = table.slice(0, args.lm_pairs).to_pylist()
     lm = demo.train_lm_dpo(rows, steps=args.lm_steps, seed=args.seed, work_dir=out_dir)
-    print(f"\n== Diffusion-DPO on a tiny UNet2DConditionModel (random latents)")
+    print("\n== Diffusion-DPO on a tiny UNet2DConditionModel (random latents)")
     unet = demo.train_diffusion_dpo(steps=args.unet_steps, seed=args.seed)
     plot = demo.plot_history(lm, unet, out_dir / "curves.png")
     print(f"\nLM: loss {lm['loss'][0]:.3f} -> {lm['loss'][-1]:.3f}, reward accuracy "

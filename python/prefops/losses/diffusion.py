@@ -22,14 +22,13 @@ Metrics (detached batch means):
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from prefops.losses import diffusion_torch as _torch_impl
+from prefops.ops._backend import kernel_module, resolve_backend
 from prefops.losses.listwise import listwise_loss
 from prefops.losses.unpaired import _dist_group
 
@@ -40,46 +39,17 @@ __all__ = [
 
 DIFFUSION_CONVENTIONS = ("original", "diffusers")
 DIFFUSION_DPO_LOSS_TYPES = ("sigmoid", "hinge", "sft")
-BACKENDS = ("auto", "triton", "torch")
 
 # ---------------------------------------------------------------------------------------------
 # Per-image MSE: backend selection at call time (importing this module never imports triton)
 # ---------------------------------------------------------------------------------------------
 
-_TRITON_STATE: dict = {}
-
-
 def _kernels():
-    if "module" not in _TRITON_STATE:
-        from prefops.kernels import diffusion_dpo as module
-
-        _TRITON_STATE["module"] = module
-    return _TRITON_STATE["module"]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return kernel_module("diffusion_dpo")
 
 
 def _resolve_backend(backend: str, tensors) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if "has_triton" not in _TRITON_STATE:
-        _TRITON_STATE["has_triton"] = importlib.util.find_spec("triton") is not None
-    has_triton = _TRITON_STATE["has_triton"]
-    x = tensors[0]
-    fp64 = any(t.dtype == torch.float64 for t in tensors)
-    if backend == "auto":
-        return "triton" if x.is_cuda and has_triton and not fp64 else "torch"
-    if backend == "triton":
-        if not has_triton:
-            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
-        if not x.is_cuda and not _interpreting():
-            raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
-        for t in tensors:
-            if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                raise TypeError(f"backend='triton' supports float32, float16 and bfloat16, got {t.dtype}")
-    return backend
+    return resolve_backend(backend, tensors, "diffusion_mse")
 
 
 class _FusedMSE(torch.autograd.Function):

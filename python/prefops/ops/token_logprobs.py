@@ -14,20 +14,18 @@ Targets are not shifted here: pass the token that each hidden state predicts.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from prefops.ops._backend import kernel_module, resolve_backend
 
 from prefops.ops import token_logprobs_torch as _torch_impl
 
 __all__ = ["token_logprobs", "TokenLogprobs"]
 
 REDUCTIONS = ("none", "sum", "mean")
-BACKENDS = ("auto", "triton", "torch")
 # Vocabulary columns of d(logits) held at once by the Triton chunked backward, per token.
 _TRITON_CHUNK_ELEMENTS = 1 << 24
 
@@ -65,42 +63,12 @@ class _Config:
 # Backend selection (at call time, never at import)
 # ---------------------------------------------------------------------------------------------
 
-_TRITON_STATE: dict = {}
-
-
 def _kernels():
-    if "module" not in _TRITON_STATE:
-        from prefops.kernels import token_logprobs as module
-
-        _TRITON_STATE["module"] = module
-    return _TRITON_STATE["module"]
+    return kernel_module("token_logprobs")
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _resolve_backend(backend: str, hidden: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if "has_triton" not in _TRITON_STATE:  # a path search when triton is not imported yet: once
-        _TRITON_STATE["has_triton"] = importlib.util.find_spec("triton") is not None
-    has_triton = _TRITON_STATE["has_triton"]
-    if backend == "auto":
-        if hidden.is_cuda and has_triton and hidden.dtype != torch.float64:
-            return "triton"
-        if hidden.is_cuda and not has_triton and not _TRITON_STATE.get("warned"):
-            _TRITON_STATE["warned"] = True
-            warnings.warn("triton is not installed: token_logprobs uses the chunked torch path", stacklevel=3)
-        return "torch"
-    if backend == "triton":
-        if not has_triton:
-            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
-        if not hidden.is_cuda and not _interpreting():
-            raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
-        if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"backend='triton' supports float32, float16 and bfloat16, got {hidden.dtype}")
-    return backend
+def _resolve_backend(backend: str, tensors) -> str:
+    return resolve_backend(backend, tensors, "token_logprobs")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,7 +307,7 @@ def token_logprobs(
                   segment_ids, cu_seqlens)
     if grad_filter_eps is not None and not grad_filter_eps >= 0:
         raise ValueError(f"grad_filter_eps must be >= 0 or None, got {grad_filter_eps}")
-    resolved = _resolve_backend(backend, hidden)
+    resolved = _resolve_backend(backend, [hidden])
     if process_group is not None:
         import torch.distributed as dist
 

@@ -30,7 +30,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -161,7 +161,7 @@ def _unpack(hidden: torch.Tensor, targets: torch.Tensor, position_ids: torch.Ten
         raise ValueError("position_ids of a padding-free batch must start at 0 for every sequence")
     ends = torch.cat([starts[1:], starts.new_tensor([pos.numel()])])
     lengths = ends - starts
-    S, T = starts.numel(), int(lengths.max())
+    T = int(lengths.max())
     col = torch.arange(T, device=pos.device)
     valid = col[None, :] < lengths[:, None]
     src = (starts[:, None] + col[None, :]).clamp(max=pos.numel() - 1)
