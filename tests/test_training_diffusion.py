@@ -167,3 +167,51 @@ def test_lora_reference_is_the_base_model(setup):
         diffusion_dpo_step(base, None, scheduler, lw, ll, text, **kw)
     loss, _ = diffusion_dpo_step(base, None, scheduler, lw, ll, text, loss_type="sft", **kw)
     assert loss.item() > 0
+
+
+# --------------------------------------------------------------- image pairs from prefops prep
+
+
+def test_image_pair_collator_on_imagereward_prep_output(tmp_path):
+    """ImageReward ranked lists → prefops prep pairs → images on disk → VAE latents → one step."""
+    import numpy as np
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    import prefops
+    from prefops.training import ImagePairCollator, diffusion_dpo_step, vae_latents
+
+    rows = prefops.prep(prefops.sample_path("imagereward"), strategy="best_vs_worst").table.slice(0, 3).to_pylist()
+    rng = np.random.default_rng(0)
+    colours = {}
+    for row in rows:  # a flat-coloured 20x24 image per reference (cropped and resized to 16)
+        for field in ("chosen", "rejected"):
+            colour = rng.integers(0, 256, 3)
+            colours[row[field]] = colour
+            path = tmp_path / row[field]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.tile(colour.astype(np.uint8), (20, 24, 1))).save(path.with_suffix(".png"), "PNG")
+            path.with_suffix(".png").rename(path)  # keep the table's .webp name, PNG content
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=8, sample_size=16).eval()
+    prompt_states = lambda prompts: torch.stack([  # noqa: E731  a stand-in text encoder: one state per prompt
+        torch.full((6, 16), float(len(p) % 7)) for p in prompts])
+    collate = ImagePairCollator(lambda x: vae_latents(vae, x, sample=False), prompt_states, image_root=tmp_path,
+                                resolution=16)
+    batch = collate(rows)
+    assert batch["latents_chosen"].shape == (3, 4, 8, 8) and batch["encoder_hidden_states"].shape == (3, 6, 16)
+    assert batch["pair_id"] == [r["pair_id"] for r in rows]
+    # the chosen latents are those of the chosen images: encode a flat image of that colour directly
+    flat = torch.tensor(colours[rows[1]["chosen"]], dtype=torch.float32).view(3, 1, 1).expand(3, 16, 16) / 127.5 - 1
+    torch.testing.assert_close(batch["latents_chosen"][1], vae_latents(vae, flat[None], sample=False)[0],
+                               atol=1e-5, rtol=1e-5)
+    unet = tiny_unet()
+    loss, _ = diffusion_dpo_step(unet, copy.deepcopy(unet), DDPMScheduler(), batch["latents_chosen"],
+                                 batch["latents_rejected"], batch["encoder_hidden_states"],
+                                 generator=torch.Generator().manual_seed(0))
+    assert abs(loss.item() - math.log(2)) < 1e-6  # a frozen copy as reference: log 2 at the start
+    (tmp_path / rows[2]["rejected"]).unlink()
+    with pytest.raises(ValueError, match="row 2: field 'rejected': cannot load image"):
+        collate(rows)

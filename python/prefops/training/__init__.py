@@ -9,10 +9,10 @@ from prefops.training.causal_lm import (
     LMHead, PreferenceCollator, causal_lm_preference_loss, completion_targets, last_hidden_states, lm_head_of,
     load_reference_logps, precompute_reference_logps, reference_logps,
 )
-from prefops.training.diffusion import adapters_disabled, diffusion_dpo_step
+from prefops.training.diffusion import ImagePairCollator, adapters_disabled, diffusion_dpo_step, vae_latents
 
 __all__ = [
     "LMHead", "PreferenceCollator", "causal_lm_preference_loss", "completion_targets", "last_hidden_states",
     "lm_head_of", "load_reference_logps", "precompute_reference_logps", "reference_logps",
-    "adapters_disabled", "diffusion_dpo_step",
+    "ImagePairCollator", "adapters_disabled", "diffusion_dpo_step", "vae_latents",
 ]

@@ -13,23 +13,25 @@ its LoRA adapters switched off: a peft ``PeftModel`` (``disable_adapter()``) or 
 with adapters added by ``unet.add_adapter(LoraConfig(...))`` (``disable_adapters()`` /
 ``enable_adapters()``).
 
-Batches from a Pick-a-Pic-style pairs table (``prefops prep`` output: prompt, chosen, rejected with
-image references): load both images of each row, normalise to [-1, 1], encode them with the VAE
-(``vae.encode(x).latent_dist.sample() * vae.config.scaling_factor``) into ``latents_chosen`` and
+Batches from a Pick-a-Pic / ImageReward-style pairs table (``prefops prep`` output: prompt,
+chosen, rejected with image references): ``ImagePairCollator`` loads both images of each row,
+scales them to [-1, 1], encodes them with the VAE into ``latents_chosen`` and
 ``latents_rejected`` ([B, 4, h, w] each), and the prompts with the text encoder into
 ``encoder_hidden_states`` ([B, L, D]; the step repeats it for the losers).
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
 from prefops.losses.diffusion import diffusion_dpo_loss
 
-__all__ = ["diffusion_dpo_step", "adapters_disabled"]
+__all__ = ["ImagePairCollator", "diffusion_dpo_step", "adapters_disabled", "vae_latents"]
 
 
 @contextmanager
@@ -129,3 +131,73 @@ def diffusion_dpo_step(
                     ref_pred = unet(noisy, timesteps, **cond, return_dict=False)[0]
     return diffusion_dpo_loss(model_pred, ref_pred, target, beta=beta, convention=convention, loss_type=loss_type,
                               sample_weights=sample_weights, backend=backend)
+
+
+# ------------------------------------------------------------------------------------- batches
+
+
+def vae_latents(vae, images: torch.Tensor, *, sample: bool = True,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Images in [-1, 1], [N, 3, H, W] → scaled VAE latents (as the diffusers training scripts do)."""
+    with torch.no_grad():
+        dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+        latents = dist.sample(generator) if sample else dist.mode()
+    return latents * vae.config.scaling_factor
+
+
+class ImagePairCollator:
+    """Rows of a ``prefops prep`` image-pairs table → the inputs of ``diffusion_dpo_step``.
+
+    Args:
+        encode_images: [N, 3, H, W] images in [-1, 1] → latents [N, C, h, w] (e.g.
+            ``lambda x: vae_latents(vae, x)``).
+        encode_prompts: list of B prompts → [B, L, D] text-encoder states.
+        image_root: where the image references of the table are relative to.
+        resolution: images are resized (bicubic) and centre-cropped to this square size.
+        load_image: optional ``ref -> [3, H, W] tensor in [-1, 1]`` replacing the PIL loader.
+
+    Returns from a call: ``dict(latents_chosen, latents_rejected, encoder_hidden_states, pair_id)``.
+    A missing or unreadable image raises ``ValueError`` naming the row, the field and the path.
+    """
+
+    def __init__(self, encode_images: Callable, encode_prompts: Callable, *,
+                 image_root: Union[str, os.PathLike, None] = None, resolution: int = 512,
+                 load_image: Optional[Callable] = None):
+        self.encode_images = encode_images
+        self.encode_prompts = encode_prompts
+        self.image_root = Path(image_root) if image_root is not None else None
+        self.resolution = resolution
+        self.load_image = load_image or self._load_with_pil
+
+    def _load_with_pil(self, ref: str) -> torch.Tensor:
+        from PIL import Image
+
+        path = self.image_root / ref if self.image_root is not None else Path(ref)
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            side = min(im.size)  # centre crop to a square, then resize
+            left, top = (im.width - side) // 2, (im.height - side) // 2
+            im = im.crop((left, top, left + side, top + side)).resize((self.resolution, self.resolution),
+                                                                     Image.BICUBIC)
+            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+        return data.view(self.resolution, self.resolution, 3).permute(2, 0, 1).float() / 127.5 - 1.0
+
+    def __call__(self, rows: Sequence[Mapping]) -> dict:
+        if not rows:
+            raise ValueError("cannot collate an empty batch")
+        images = {"chosen": [], "rejected": []}
+        for i, row in enumerate(rows):
+            for field in ("prompt", "chosen", "rejected"):
+                if not isinstance(row.get(field), str):
+                    raise ValueError(f"row {i}: field {field!r} must be a string "
+                                     f"(an image reference for chosen/rejected), got {row.get(field)!r}")
+            for field in ("chosen", "rejected"):
+                try:
+                    images[field].append(self.load_image(row[field]))
+                except (OSError, ValueError) as e:
+                    raise ValueError(f"row {i}: field {field!r}: cannot load image {row[field]!r}: {e}") from None
+        latents = self.encode_images(torch.stack(images["chosen"] + images["rejected"]))
+        B = len(rows)
+        return dict(latents_chosen=latents[:B], latents_rejected=latents[B:],
+                    encoder_hidden_states=self.encode_prompts([row["prompt"] for row in rows]),
+                    pair_id=[row.get("pair_id") for row in rows])
