@@ -120,17 +120,20 @@ def _condition(prompt, template, score):
 
 
 def augment(rows, template, score_columns=("score_chosen", "score_rejected")):
+    """Every pair conditioned on its chosen's score (input order), then every pair swapped and
+    conditioned on its rejected's score (input order)."""
     sc, sr = score_columns
-    out = []
+    firsts, seconds = [], []
     for row in rows:
         a = dict(row)
         a["prompt"] = _condition(row["prompt"], template, format_score(row[sc]))
         b = swap(row, [score_columns])
         b["prompt"] = _condition(row["prompt"], template, format_score(row[sr]))
-        for copy, tag, side, score in ((a, ":c", "chosen", row[sc]), (b, ":r", "rejected", row[sr])):
+        for copy, tag, side, score, out in ((a, ":c", "chosen", row[sc], firsts),
+                                            (b, ":r", "rejected", row[sr], seconds)):
             copy["pair_id"] = row["pair_id"] + tag
             copy["source_pair_id"] = row["pair_id"]
             copy["conditioned_on"] = side
             copy["target_score"] = float(score)
             out.append(copy)
-    return out
+    return firsts + seconds

@@ -141,10 +141,12 @@ def test_flip_and_augment_jsonl_round_trip(tmp_path, shared_data):
     t = pq.read_table(out)
     src = read_jsonl(ir)
     assert t.num_rows == 2 * len(src) and "rows out" in r.stderr
-    first = t.slice(0, 2).to_pylist()
-    assert first[0]["prompt"] == f"{src[0]['prompt']}, rank {int(src[0]['rank_chosen'])} of 9"
-    assert first[1]["prompt"] == f"{src[0]['prompt']}, rank {int(src[0]['rank_rejected'])} of 9"
-    assert (first[1]["chosen"], first[1]["rank_chosen"]) == (src[0]["rejected"], src[0]["rank_rejected"])
+    # All pairs conditioned on the chosen's rank, then all conditioned on the rejected's.
+    first, second = t.slice(0, 1).to_pylist()[0], t.slice(len(src), 1).to_pylist()[0]
+    assert first["prompt"] == f"{src[0]['prompt']}, rank {int(src[0]['rank_chosen'])} of 9"
+    assert second["prompt"] == f"{src[0]['prompt']}, rank {int(src[0]['rank_rejected'])} of 9"
+    assert (second["chosen"], second["rank_chosen"]) == (src[0]["rejected"], src[0]["rank_rejected"])
+    assert (first["pair_id"], second["pair_id"]) == (src[0]["pair_id"] + ":c", src[0]["pair_id"] + ":r")
 
 
 def test_help_lists_the_step_commands():

@@ -236,7 +236,8 @@ def reward_augment(
 
     Row 1 keeps the order and names the chosen response's score; row 2 swaps chosen and
     rejected and names the rejected response's score. So every row's prompt names the score
-    of its own ``chosen`` (``target_score``). New columns: ``source_pair_id``,
+    of its own ``chosen`` (``target_score``). All first rows come first (input order), then all
+    second rows, as the source concatenates them. New columns: ``source_pair_id``,
     ``conditioned_on`` (``"chosen"``/``"rejected"``), ``target_score``; ``pair_id`` gets a
     ``:c`` / ``:r`` suffix; ``prompt_id`` is kept.
 

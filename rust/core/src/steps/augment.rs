@@ -12,11 +12,14 @@
 //! "nosys" variant. Scores print like the source does: integers without a decimal point,
 //! others as Python's `repr` (shortest round-trip digits).
 //!
-//! Rows come out in input order, the two rows of a pair side by side. `pair_id` becomes
+//! Rows come out as the source concatenates them: every pair conditioned on its chosen score, in
+//! input order, then every pair conditioned on its rejected score, in input order (columns the
+//! relabeling does not change are shared with the input, not copied). `pair_id` becomes
 //! `<pair_id>:c` / `<pair_id>:r` (the original is kept in `source_pair_id`); `prompt_id` is kept,
 //! so the two rows still group with their prompt. Swapping follows the same rules as flipping
 //! (every `*chosen*`/`*rejected*` column pair exchanged, `margin`/`*_margin` negated).
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use arrow_array::builder::StringBuilder;
@@ -122,13 +125,14 @@ impl Template {
         Ok(Template { segments })
     }
 
-    pub fn render_into(&self, prompt: &str, score: &str, out: &mut String) {
+    pub fn render_into(&self, prompt: &str, score: &str, out: &mut impl std::fmt::Write) {
         for s in &self.segments {
-            match s {
-                Segment::Literal(l) => out.push_str(l),
-                Segment::Prompt => out.push_str(prompt),
-                Segment::Score => out.push_str(score),
-            }
+            let part = match s {
+                Segment::Literal(l) => l.as_str(),
+                Segment::Prompt => prompt,
+                Segment::Score => score,
+            };
+            out.write_str(part).expect("writing to a string cannot fail");
         }
     }
 
@@ -219,7 +223,7 @@ fn render_prompts(
     prompt: &ArrayRef,
     kind: PromptKind,
     template: &Template,
-    scores: &[String],
+    scores: &[&str],
     source: &str,
     first: u64,
 ) -> Result<ArrayRef> {
@@ -228,14 +232,12 @@ fn render_prompts(
         PromptKind::Text => {
             let p = prompt.as_string::<i32>();
             let mut b = StringBuilder::with_capacity(p.len(), p.values().len() + p.len() * 32);
-            let mut buf = String::new();
             for (i, score) in scores.iter().enumerate() {
                 if p.is_null(i) {
                     return Err(null_prompt(i));
                 }
-                buf.clear();
-                template.render_into(p.value(i), score, &mut buf);
-                b.append_value(&buf);
+                template.render_into(p.value(i), score, &mut b);
+                b.append_value(""); // ends the row written above
             }
             Ok(Arc::new(b.finish()))
         }
@@ -263,7 +265,7 @@ fn render_prompts(
                 match t {
                     Some(i) => {
                         buf.clear();
-                        template.render_into(if contents.is_valid(j) { contents.value(j) } else { "" }, &scores[*i], &mut buf);
+                        template.render_into(if contents.is_valid(j) { contents.value(j) } else { "" }, scores[*i], &mut buf);
                         b.append_value(&buf);
                     }
                     None if contents.is_null(j) => b.append_null(),
@@ -309,7 +311,7 @@ pub fn reward_augment(table: &Table, opts: &AugmentOptions) -> Result<(Table, Au
     fields.push(Field::new("target_score", DataType::Float64, true));
     let schema = Arc::new(Schema::new_with_metadata(fields, table.schema.metadata().clone()));
 
-    let slices = table.slices(SLICE_ROWS / 2);
+    let slices = table.slices(SLICE_ROWS);
     let threads = resolve_threads(opts.threads);
     let out = par_map(&slices, threads, |(first, batch): &(u64, RecordBatch)| {
         let n = batch.num_rows();
@@ -344,8 +346,19 @@ pub fn reward_augment(table: &Table, opts: &AugmentOptions) -> Result<(Table, Au
             cols[prompt_idx] = arrow_cast::cast(&cols[prompt_idx], &prompt_type)
                 .map_err(|e| column_error(source, format!("column 'prompt': {e}")))?;
         }
-        let fmt_c: Vec<String> = sc.values().iter().map(|&x| format_score(x)).collect();
-        let fmt_r: Vec<String> = sr.values().iter().map(|&x| format_score(x)).collect();
+        // Scores take few distinct values: format each once.
+        let mut texts: Vec<String> = Vec::new();
+        let mut seen: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+        let mut index = |x: f64| -> usize {
+            *seen.entry(x.to_bits()).or_insert_with(|| {
+                texts.push(format_score(x));
+                texts.len() - 1
+            })
+        };
+        let ic: Vec<usize> = sc.values().iter().map(|&x| index(x)).collect();
+        let ir: Vec<usize> = sr.values().iter().map(|&x| index(x)).collect();
+        let fmt_c: Vec<&str> = ic.iter().map(|&i| texts[i].as_str()).collect();
+        let fmt_r: Vec<&str> = ir.iter().map(|&i| texts[i].as_str()).collect();
         let prompt_c = render_prompts(&cols[prompt_idx], kind, &template, &fmt_c, source, *first)?;
         let prompt_r = render_prompts(&cols[prompt_idx], kind, &template, &fmt_r, source, *first)?;
         let equal = sc.values().iter().zip(sr.values()).filter(|(a, b)| a == b).count() as u64;
@@ -356,7 +369,12 @@ pub fn reward_augment(table: &Table, opts: &AugmentOptions) -> Result<(Table, Au
         a[prompt_idx] = prompt_c;
         b[prompt_idx] = prompt_r;
         let suffixed = |suffix: &str| -> ArrayRef {
-            Arc::new(StringArray::from_iter_values(ids.iter().map(|s| format!("{}{suffix}", s.unwrap_or_default()))))
+            let mut b = StringBuilder::with_capacity(n, ids.values().len() + n * suffix.len());
+            for id in ids.iter() {
+                b.write_str(id.unwrap_or_default()).expect("writing to a string cannot fail");
+                b.append_value(suffix);
+            }
+            Arc::new(b.finish())
         };
         a[pair_idx] = suffixed(":c");
         b[pair_idx] = suffixed(":r");
@@ -367,28 +385,22 @@ pub fn reward_augment(table: &Table, opts: &AugmentOptions) -> Result<(Table, Au
         b.push(Arc::new(StringArray::from_iter_values(std::iter::repeat_n("rejected", n))));
         a.push(Arc::new(sc));
         b.push(Arc::new(sr));
-        let order: Vec<(usize, usize)> = (0..n).flat_map(|i| [(0, i), (1, i)]).collect();
-        let cols = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| {
-                arrow_select::interleave::interleave(&[x.as_ref(), y.as_ref()], &order)
-                    .map_err(|e| PrepError::Config(format!("{source}: interleaving the two copies: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((make_batch(schema.clone(), cols, 2 * n)?, equal))
+        Ok((make_batch(schema.clone(), a, n)?, make_batch(schema.clone(), b, n)?, equal))
     })?;
     let rows_in = table.num_rows() as u64;
     let stats = AugmentStats {
         rows_in,
         rows_out: 2 * rows_in,
-        equal_scores: out.iter().map(|(_, e)| e).sum(),
+        equal_scores: out.iter().map(|(_, _, e)| e).sum(),
         template: opts.template.clone(),
         score_columns: [opts.score_chosen.clone(), opts.score_rejected.clone()],
         swapped_columns: swapper.pair_names().into_iter().map(|(a, b)| [a, b]).collect(),
         negated_columns: table.column_names().into_iter().filter(|n| super::is_margin_column(n)).map(String::from).collect(),
     };
-    Ok((Table { source: table.source.clone(), schema, batches: out.into_iter().map(|(b, _)| b).collect() }, stats))
+    // All copies conditioned on the chosen score first, then all conditioned on the rejected
+    // score, as the source concatenates them: unchanged columns are shared, not copied.
+    let (firsts, seconds): (Vec<RecordBatch>, Vec<RecordBatch>) = out.into_iter().map(|(a, b, _)| (a, b)).unzip();
+    Ok((Table { source: table.source.clone(), schema, batches: firsts.into_iter().chain(seconds).collect() }, stats))
 }
 
 #[cfg(test)]
@@ -459,18 +471,21 @@ mod tests {
         let opts = AugmentOptions { template: "{prompt} [{score}]".into(), ..Default::default() };
         let (out, st) = reward_augment(&t, &opts).unwrap();
         assert_eq!((st.rows_in, st.rows_out, st.equal_scores), (2, 4, 1));
-        let b = &out.batches[0];
         let s = |name: &str| -> Vec<String> {
-            b.column(out.schema.index_of(name).unwrap()).as_string::<i32>().iter().map(|x| x.unwrap().to_string()).collect()
+            let i = out.schema.index_of(name).unwrap();
+            out.batches.iter().flat_map(|b| b.column(i).as_string::<i32>().iter().map(|x| x.unwrap().to_string()).collect::<Vec<_>>()).collect()
         };
-        let f = |name: &str| -> Vec<f64> { b.column(out.schema.index_of(name).unwrap()).as_primitive::<Float64Type>().values().to_vec() };
-        assert_eq!(s("prompt"), ["Hi? [8]", "Hi? [3]", "Yo? [6.5]", "Yo? [6.5]"]);
-        assert_eq!(s("chosen"), ["good", "bad", "fine", "meh"]);
-        assert_eq!(s("pair_id"), ["p1:c", "p1:r", "p2:c", "p2:r"]);
-        assert_eq!(s("source_pair_id"), ["p1", "p1", "p2", "p2"]);
-        assert_eq!(s("conditioned_on"), ["chosen", "rejected", "chosen", "rejected"]);
+        let f = |name: &str| -> Vec<f64> {
+            let i = out.schema.index_of(name).unwrap();
+            out.batches.iter().flat_map(|b| b.column(i).as_primitive::<Float64Type>().values().to_vec()).collect()
+        };
+        assert_eq!(s("prompt"), ["Hi? [8]", "Yo? [6.5]", "Hi? [3]", "Yo? [6.5]"]);
+        assert_eq!(s("chosen"), ["good", "fine", "bad", "meh"]);
+        assert_eq!(s("pair_id"), ["p1:c", "p2:c", "p1:r", "p2:r"]);
+        assert_eq!(s("source_pair_id"), ["p1", "p2", "p1", "p2"]);
+        assert_eq!(s("conditioned_on"), ["chosen", "chosen", "rejected", "rejected"]);
         assert_eq!(f("target_score"), f("score_chosen"));
-        assert_eq!(f("margin"), [5.0, -5.0, 0.0, -0.0]);
+        assert_eq!(f("margin"), [5.0, 0.0, -5.0, -0.0]);
         let e = reward_augment(&out, &opts).unwrap_err().to_string();
         assert!(e.contains("already reward-augmented"), "{e}");
         let e = reward_augment(&t, &AugmentOptions { score_chosen: "rank_chosen".into(), ..opts }).unwrap_err().to_string();

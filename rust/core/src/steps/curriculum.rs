@@ -247,7 +247,9 @@ pub fn curriculum(table: &Table, opts: &CurriculumOptions) -> Result<CurriculumR
     sort_parallel(&mut items, threads, &cmp);
 
     // Stage of each row: its position among its prompt's rows in the easy→hard order.
-    let mut chunks: Vec<(Option<i64>, Vec<(usize, usize)>)> = Vec::new();
+    // Output batches: (stage, rows as (batch, row)).
+    type Chunk = (Option<i64>, Vec<(usize, usize)>);
+    let mut chunks: Vec<Chunk> = Vec::new();
     let mut pairs_per_stage: Vec<u64> = Vec::new();
     let mut prompts = None;
     if stages {
@@ -422,7 +424,7 @@ mod tests {
         Table::new("t", schema, batches).unwrap()
     }
 
-    fn col<'a>(t: &'a Table, name: &str) -> Vec<String> {
+    fn col(t: &Table, name: &str) -> Vec<String> {
         let i = t.schema.index_of(name).unwrap();
         t.batches
             .iter()

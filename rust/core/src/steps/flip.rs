@@ -171,8 +171,8 @@ fn labels(col: &ArrayRef, name: &str, meaning: LabelMeaning, source: &str, first
                 return Ok(None);
             }
             match x.value(i) {
-                v if v == 0.0 => Ok(Some(flip)),
-                v if v == 1.0 => Ok(Some(!flip)),
+                0.0 => Ok(Some(flip)),
+                1.0 => Ok(Some(!flip)),
                 v => Err(row_error(
                     source,
                     first + i as u64,
