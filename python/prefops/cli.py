@@ -191,21 +191,20 @@ def _add_step_parsers(sub) -> None:
                    help="where the two scores come from (default score_chosen score_rejected)")
 
 
-def _finish_step(args: argparse.Namespace, result: StepResult) -> int:
+def _report(args: argparse.Namespace, result, run_info: dict) -> int:
+    """The end of every data command: ``--stats`` JSON (run info, then the result's stats) and
+    the human summary on stderr unless ``-q``."""
     if args.stats:
-        report = {
-            "input": str(args.input),
-            "outputs": [str(p) for p in result.outputs],
-            "step": result.step,
-            "threads": result.threads,
-            "seconds": result.seconds,
-            **result.stats,
-        }
-        _write_json_atomic(args.stats, report)
+        _write_json_atomic(args.stats, {"input": str(args.input), **run_info, "threads": result.threads,
+                                        "seconds": result.seconds, **result.stats})
     if not args.quiet:
         print(f"prefops {args.command}: {args.input}", file=sys.stderr)
         print(result.summary(), file=sys.stderr)
     return 0
+
+
+def _finish_step(args: argparse.Namespace, result: StepResult) -> int:
+    return _report(args, result, {"outputs": [str(p) for p in result.outputs], "step": result.step})
 
 
 def _run_curriculum(args: argparse.Namespace) -> int:
@@ -264,23 +263,8 @@ def _run_prep(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
         dry_run=args.dry_run,
     )
-    if args.stats:
-        report = {
-            "input": str(args.input),
-            "output": None if args.dry_run else str(args.output),
-            "format": result.format,
-            "kind": result.kind,
-            "strategy": args.strategy,
-            "seed": args.seed,
-            "threads": result.threads,
-            "seconds": result.seconds,
-            **result.stats,
-        }
-        _write_json_atomic(args.stats, report)
-    if not args.quiet:
-        print(f"prefops prep: {args.input}", file=sys.stderr)
-        print(result.summary(), file=sys.stderr)
-    return 0
+    return _report(args, result, {"output": None if args.dry_run else str(args.output), "format": result.format,
+                                  "kind": result.kind, "strategy": args.strategy, "seed": args.seed})
 
 
 DEMO_RUNS = [

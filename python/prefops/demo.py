@@ -59,6 +59,19 @@ def _print(line: str, log: Optional[Callable[[str], None]]):
     (log or print)(line)
 
 
+def _step_and_record(optimizer, loss, metrics, history: dict, step: int) -> None:
+    """One optimizer step on ``loss``, then the step's loss, reward accuracy (and margin, when
+    ``history`` tracks it) appended to ``history``."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    history["step"].append(step)
+    history["loss"].append(loss.item())
+    history["accuracy"].append(metrics["rewards/accuracies"].item())
+    if "margin" in history:
+        history["margin"].append(metrics["rewards/margins"].item())
+
+
 def train_lm_dpo(rows, *, steps: int = 30, batch_size: int = 8, max_length: int = 96, lr: float = 2e-3,
                  beta: float = 0.1, seed: int = 0, work_dir: Path, log=None) -> dict:
     """DPO on a tiny LM over ``rows`` (prompt/chosen/rejected/pair_id): the reference (the
@@ -89,13 +102,7 @@ def train_lm_dpo(rows, *, steps: int = 30, batch_size: int = 8, max_length: int 
         start = ((step - 1) * batch_size) % len(rows)
         batch = collate([rows[order[(start + i) % len(rows)]] for i in range(batch_size)])
         loss, metrics = causal_lm_preference_loss(model, batch, beta=beta)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        history["step"].append(step)
-        history["loss"].append(loss.item())
-        history["accuracy"].append(metrics["rewards/accuracies"].item())
-        history["margin"].append(metrics["rewards/margins"].item())
+        _step_and_record(opt, loss, metrics, history, step)
         _print(f"  lm step {step:3d}  loss {loss.item():.4f}  reward acc {history['accuracy'][-1]:.2f}  "
                f"margin {history['margin'][-1]:+.3f}", log)
     return history
@@ -131,12 +138,7 @@ def train_diffusion_dpo(*, steps: int = 15, pairs: int = 8, beta: float = 500.0,
     history = {"step": [], "loss": [], "accuracy": []}
     for step in range(1, steps + 1):
         loss, metrics = diffusion_dpo_step(unet, ref, scheduler, latents_w, latents_l, text, beta=beta, **fixed)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        history["step"].append(step)
-        history["loss"].append(loss.item())
-        history["accuracy"].append(metrics["rewards/accuracies"].item())
+        _step_and_record(opt, loss, metrics, history, step)
         _print(f"  unet step {step:3d}  loss {loss.item():.4f}  implicit acc {history['accuracy'][-1]:.2f}", log)
     return history
 

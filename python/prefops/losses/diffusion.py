@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from prefops.losses import diffusion_torch as _torch_impl
 from prefops.ops._backend import kernel_module, resolve_backend
 from prefops.losses.listwise import listwise_loss
+from prefops.losses.pairwise import reduce_losses
 from prefops.losses.unpaired import _dist_group
 
 __all__ = [
@@ -107,18 +108,6 @@ def _halves(x: torch.Tensor):
     return x.chunk(2)
 
 
-def _reduce(per: torch.Tensor, sample_weights, reduction: str) -> torch.Tensor:
-    if sample_weights is not None:
-        per = per * sample_weights.to(per.dtype)
-    if reduction == "mean":
-        return per.mean()
-    if reduction == "sum":
-        return per.sum()
-    if reduction == "none":
-        return per
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-
-
 @torch.no_grad()
 def _pair_metrics(m, r, scale, ties_half: bool = False) -> dict:
     m_w, m_l = m.chunk(2)
@@ -183,7 +172,7 @@ def diffusion_dpo_loss(
         r_w, r_l = r.chunk(2)
         inside = -scale * ((m_w - m_l) - (r_w - r_l))
         per_pair = -F.logsigmoid(inside) if loss_type == "sigmoid" else torch.relu(1 - inside)
-    return _reduce(per_pair, sample_weights, reduction), _pair_metrics(m, r, scale, convention == "diffusers")
+    return reduce_losses(per_pair, sample_weights, reduction), _pair_metrics(m, r, scale, convention == "diffusers")
 
 
 def smpo_loss(
@@ -229,7 +218,7 @@ def smpo_loss(
     inside = -s * ((m_w - m_l) - (r_w - r_l))
     metrics = _pair_metrics(m, r, s)
     metrics["smpo/probs"] = probs.mean()
-    return _reduce(-F.logsigmoid(inside), sample_weights, reduction), metrics
+    return reduce_losses(-F.logsigmoid(inside), sample_weights, reduction), metrics
 
 
 def diffusion_kto_loss(
@@ -268,7 +257,7 @@ def diffusion_kto_loss(
             import torch.distributed as dist
 
             kl = kl.clone()
-            dist.all_reduce(kl, op=dist.ReduceOp.SUM, group=group)
+            dist.allreduce_losses(kl, op=dist.ReduceOp.SUM, group=group)
             kl = kl / dist.get_world_size(group)
     z0 = kl.detach().to(g.dtype).clamp(min=0)
     d = labels.to(m.device).bool()

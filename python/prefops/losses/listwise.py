@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from prefops.losses.pairwise import reduce_losses
+
 __all__ = ["LISTWISE_LOSS_TYPES", "listwise_loss", "pad_lists"]
 
 LISTWISE_LOSS_TYPES = ("lipo_lambda", "pairwise", "plackett_luce")
@@ -106,7 +108,7 @@ def listwise_loss(
             delta = delta / torch.where(total == 0, torch.ones_like(total), total)
         per_list = -(delta * F.logsigmoid(diff)).masked_fill(~better, 0.0).sum(dim=(1, 2))
 
-    loss = per_list.mean() if reduction == "mean" else per_list.sum() if reduction == "sum" else per_list
+    loss = reduce_losses(per_list, None, reduction)
     with torch.no_grad():
         n_pairs = better.sum().clamp(min=1)
         top = torch.sort(psi.masked_fill(~mask, float("-inf")), dim=1, descending=True, stable=True).indices[:, 0]

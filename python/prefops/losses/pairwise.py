@@ -50,6 +50,21 @@ def _f_scores(logratios: torch.Tensor, f_divergence: str, alpha: float) -> torch
     raise ValueError(f"f_divergence must be one of {F_DIVERGENCES}, got {f_divergence!r}")
 
 
+def reduce_losses(per_item: torch.Tensor, sample_weights: Optional[torch.Tensor] = None,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Per-pair (or per-list) losses, times optional per-item weights, reduced: "mean", "sum" or
+    "none" (the weighted [B] tensor itself). Every loss of prefops.losses ends here."""
+    if sample_weights is not None:
+        per_item = per_item * sample_weights.to(per_item.dtype)
+    if reduction == "mean":
+        return per_item.mean()
+    if reduction == "sum":
+        return per_item.sum()
+    if reduction == "none":
+        return per_item
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
 def preference_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards) -> dict:
     """TRL-named, detached batch means."""
     cr, rr = chosen_rewards.detach(), rejected_rewards.detach()
@@ -225,9 +240,7 @@ def dpo_loss(
             discopop_tau=discopop_tau, fdpo_lambda=fdpo_lambda, chosen_hallucinated=chosen_hallucinated,
             rejected_hallucinated=rejected_hallucinated, chosen_token_logps_mean=chosen_token_logps_mean, **lengths)
         per_pair = term * lw if per_pair is None else per_pair + term * lw
-    if sample_weights is not None:
-        per_pair = per_pair * sample_weights.to(per_pair.dtype)
-    loss = per_pair.mean() if reduction == "mean" else per_pair.sum() if reduction == "sum" else per_pair
+    loss = reduce_losses(per_pair, sample_weights, reduction)
     metrics = preference_metrics(chosen_logps, rejected_logps, beta * chosen_logratios, beta * rejected_logratios)
     return loss, metrics
 
@@ -253,8 +266,6 @@ def simpo_loss(
     per_pair = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
     if sft_weight:
         per_pair = per_pair + sft_weight * (-a_w)
-    if sample_weights is not None:
-        per_pair = per_pair * sample_weights.to(per_pair.dtype)
-    loss = per_pair.mean() if reduction == "mean" else per_pair.sum() if reduction == "sum" else per_pair
+    loss = reduce_losses(per_pair, sample_weights, reduction)
     metrics = preference_metrics(chosen_logps, rejected_logps, beta * a_w, beta * a_l)
     return loss, metrics

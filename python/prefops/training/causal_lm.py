@@ -36,6 +36,7 @@ import torch
 
 from prefops.losses.fused import dpo_loss_from_hidden, simpo_loss_from_hidden
 from prefops.ops.token_logprobs import token_logprobs
+from prefops.training._adapters import is_peft_model, reference_adapters, strip_wrappers
 
 __all__ = [
     "LMHead", "PreferenceCollator", "causal_lm_preference_loss", "completion_targets", "last_hidden_states",
@@ -62,17 +63,10 @@ class LMHead:
 
 def _unwrap(model):
     """The transformers model under DDP / PEFT wrappers (LoRA layers stay injected in it)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP, DataParallel
-        model = model.module
+    model = strip_wrappers(model)
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
         model = model.get_base_model()
     return model
-
-
-def _is_peft(model) -> bool:
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
 
 def lm_head_of(model) -> LMHead:
@@ -107,7 +101,7 @@ def _backbone(inner):
 def _is_wrapped(model) -> bool:
     """DDP / FSDP1 wrappers (``.module``) and FSDP2 roots (``fully_shard``): their forward must run
     (it gathers parameters and sets up gradient synchronisation)."""
-    if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+    if strip_wrappers(model) is not model:
         return True
     return any(type(m).__name__.startswith("FSDP") for m in (model, _unwrap(model)))
 
@@ -199,30 +193,11 @@ def _shifted_weights(batch):
     return out
 
 
-@contextlib.contextmanager
-def _peft_reference(model):
-    """The reference inside a PEFT model: an adapter named "ref" when there is one (TRL's
-    convention when re-training an existing adapter: a frozen copy of its initial weights),
-    otherwise the base model with every adapter disabled."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    if "ref" in getattr(model, "peft_config", {}):
-        previous = model.active_adapter
-        model.set_adapter("ref")
-        try:
-            yield
-        finally:
-            model.set_adapter(previous)
-    else:
-        with model.disable_adapter():
-            yield
-
-
 def _reference_context(model, ref_model):
     if ref_model is not None:
         return ref_model, contextlib.nullcontext()
-    if _is_peft(model):
-        return model, _peft_reference(model)
+    if is_peft_model(model):
+        return model, reference_adapters(model)
     return None, None
 
 

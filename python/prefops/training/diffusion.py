@@ -23,34 +23,15 @@ scales them to [-1, 1], encodes them with the VAE into ``latents_chosen`` and
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
 from prefops.losses.diffusion import diffusion_dpo_loss
+from prefops.training._adapters import adapters_disabled
 
 __all__ = ["ImagePairCollator", "diffusion_dpo_step", "adapters_disabled", "vae_latents"]
-
-
-@contextmanager
-def adapters_disabled(model):
-    """Run ``model`` as its base model: peft's ``disable_adapter()`` context, or diffusers'
-    ``disable_adapters()`` … ``enable_adapters()``. DDP wrappers are looked through."""
-    inner = getattr(model, "module", model)
-    if hasattr(inner, "disable_adapter") and hasattr(inner, "peft_config"):  # peft.PeftModel
-        with inner.disable_adapter():
-            yield
-    elif getattr(inner, "_hf_peft_config_loaded", False):  # diffusers PeftAdapterMixin with adapters
-        inner.disable_adapters()
-        try:
-            yield
-        finally:
-            inner.enable_adapters()
-    else:
-        raise ValueError("ref_unet=None needs a model with LoRA adapters (peft.get_peft_model or "
-                         "unet.add_adapter(LoraConfig(...))); otherwise pass a frozen copy as ref_unet")
 
 
 def _repeat2(x: torch.Tensor, B: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from trl import DPOTrainer
 
-from prefops.training.causal_lm import causal_lm_preference_loss
+from prefops.training.causal_lm import _model_inputs, causal_lm_preference_loss
 
 __all__ = ["PrefopsDPOTrainer"]
 
@@ -62,7 +62,6 @@ class PrefopsDPOTrainer(DPOTrainer):
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         if return_outputs:
             with torch.no_grad():
-                outputs = model(**{k: v for k, v in inputs.items()
-                                   if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")})
+                outputs = model(**_model_inputs(inputs))
             return loss, outputs
         return loss
