@@ -6,7 +6,7 @@ else (no torch, no triton, no GPU probing).
 
 from prefops._native import DataError
 from prefops.data import FORMATS, STRATEGIES, THREADS_ENV, PrepResult, prep, sample_path
-from prefops.steps import StepResult, curriculum, flip_labels, reward_augment
+from prefops.steps import StepResult, convert, curriculum, flip_labels, reward_augment
 
 try:
     from importlib.metadata import version as _version
@@ -27,6 +27,7 @@ __all__ = [
     "curriculum",
     "flip_labels",
     "reward_augment",
+    "convert",
     "__version__",
 ]
 

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 from prefops import _native
 from prefops.data import FORMATS, STRATEGIES, THREADS_ENV, prep, sample_path
-from prefops.steps import TEMPLATES, StepResult, curriculum, flip_labels, reward_augment
+from prefops.steps import TEMPLATES, StepResult, convert, curriculum, flip_labels, reward_augment
 
 EXIT_DATA_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -191,6 +191,15 @@ def _add_step_parsers(sub) -> None:
                    help="where the two scores come from (default score_chosen score_rejected)")
 
 
+    v = sub.add_parser(
+        "convert",
+        help="rewrite a table as .jsonl, .jsonl.gz or .parquet, every column kept",
+        description="Convert between JSONL, JSONL.gz, JSON arrays and Parquet, every column kept. Tables that "
+        "prefops writes round-trip byte for byte (JSONL -> Parquet -> JSONL).",
+    )
+    _step_common(v)
+
+
 def _report(args: argparse.Namespace, result, run_info: dict) -> int:
     """The end of every data command: ``--stats`` JSON (run info, then the result's stats) and
     the human summary on stderr unless ``-q``."""
@@ -333,6 +342,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _run_flip(args, parser)
         if args.command == "augment":
             return _run_augment(args)
+        if args.command == "convert":
+            return _finish_step(args, convert(args.input, args.output, threads=args.threads))
         return _run_demo(args)
     except KeyboardInterrupt:
         print("prefops: interrupted; no output was written", file=sys.stderr)

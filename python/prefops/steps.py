@@ -1,6 +1,6 @@
 """Chainable steps over the pairs table that ``prefops.prep`` makes: curriculum order
-(Curry-DPO), label flipping (F-DPO, reward disagreement, seeded random) and reward-augmented
-relabeling. Each takes a pairs table (a path, any Arrow table or stream, or a previous result)
+(Curry-DPO), label flipping (F-DPO, reward disagreement, seeded random), reward-augmented
+relabeling, and format conversion. Each takes a pairs table (a path, any Arrow table or stream, or a previous result)
 and gives a new ``pyarrow.Table`` or writes JSONL/Parquet atomically; the work runs in Rust with
 the GIL released and is deterministic for a seed, whatever the batching or thread count.
 
@@ -85,6 +85,8 @@ class StepResult:
             lines.append(f"  rows in          {s['rows_in']:>10,}   rows out {s['rows_out']:,}"
                          + (f", equal scores {s['equal_scores']:,}" if s["equal_scores"] else ""))
             lines.append(f"  scores from      {s['score_columns'][0]}, {s['score_columns'][1]}")
+        elif self.step == "convert":
+            lines.append(f"  rows             {s['rows']:>10,}   columns {len(s['columns'])}")
         if self.step in ("flip", "augment") and s.get("swapped_columns"):
             pairs = ", ".join(f"{a}/{b}" for a, b in s["swapped_columns"])
             negated = ", ".join(s["negated_columns"]) or "none"
@@ -256,6 +258,29 @@ def reward_augment(
         None if output is None else Path(output),
         template=text,
         score_columns=_pair(score_columns, "score_columns"),
+        threads=_threads(threads),
+    )
+    return _result(table, report)
+
+
+def convert(
+    source: Source,
+    output: Union[str, os.PathLike, None] = None,
+    *,
+    threads: Optional[int] = None,
+) -> StepResult:
+    """Rewrite a table as .jsonl, .jsonl.gz or .parquet (atomically), every column kept.
+
+    Tables that prefops writes round-trip byte for byte: JSONL → Parquet → JSONL gives the same
+    bytes. JSON input is typed over the whole file: a column of integers stays Int64, integers
+    mixed with floats become Float64, objects become structs whose missing keys are null, and
+    a column whose values mix incompatible JSON types (text and numbers, say) is kept as text
+    (each non-string value as its JSON). ``stats["columns"]`` lists the Arrow type chosen for
+    each column.
+    """
+    table, report = _native.convert(
+        _step_source(source),
+        None if output is None else Path(output),
         threads=_threads(threads),
     )
     return _result(table, report)

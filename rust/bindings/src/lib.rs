@@ -329,6 +329,24 @@ fn reward_augment<'py>(
     step_result(py, "augment", table, &files, threads, seconds, stats)
 }
 
+/// Rewrite a table as JSONL / JSONL.gz / Parquet, every column kept. Returns (table or None,
+/// report JSON).
+#[pyfunction]
+#[pyo3(signature = (source, output=None, *, threads=0))]
+fn convert<'py>(
+    py: Python<'py>,
+    source: &Bound<'py, PyAny>,
+    output: Option<PathBuf>,
+    threads: usize,
+) -> PyResult<(Option<Bound<'py, PyAny>>, String)> {
+    let (table, files, threads, seconds, stats) = run_step(py, source, threads, move |t, _| {
+        let stats = to_json(&steps::TableStats::of(&t));
+        let files = output.map(|p| vec![(p, t.clone())]).unwrap_or_default();
+        Ok((t, files, stats))
+    })?;
+    step_result(py, "convert", table, &files, threads, seconds, stats)
+}
+
 /// A score as reward augmentation prints it (for tests and tools).
 #[pyfunction]
 fn format_score(x: f64) -> String {
@@ -343,6 +361,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(flip_labels, m)?)?;
     m.add_function(wrap_pyfunction!(reward_augment, m)?)?;
     m.add_function(wrap_pyfunction!(format_score, m)?)?;
+    m.add_function(wrap_pyfunction!(convert, m)?)?;
     m.add("AUGMENT_DEFAULT_TEMPLATE", augment::DEFAULT_TEMPLATE)?;
     m.add("AUGMENT_ULTRAFEEDBACK_TEMPLATE", augment::ULTRAFEEDBACK_TEMPLATE)?;
     m.add("DataError", m.py().get_type::<DataError>())?;

@@ -441,7 +441,22 @@ pub fn normalise<'a>(record: Value<'a>, format: Format, opts: &ReadOptions) -> R
                     r.score = Some(sr);
                     vec![c, r]
                 }
-                (None, None) if format == Format::Trl => two_ranked(chosen, rejected),
+                // Both scores null: an unrated pair, e.g. prep's own output for ranked input
+                // (ImageReward). Its rank columns, when there, keep the rank gap as the margin.
+                (None, None) => {
+                    let rc = parse_score(take_field(&mut f, "rank_chosen"), &"rank_chosen")?;
+                    let rr = parse_score(take_field(&mut f, "rank_rejected"), &"rank_rejected")?;
+                    match (rc, rr) {
+                        (Some(rc), Some(rr)) => {
+                            let mut c = Response::new(chosen);
+                            c.rank = Some(rc);
+                            let mut r = Response::new(rejected);
+                            r.rank = Some(rr);
+                            vec![c, r]
+                        }
+                        _ => two_ranked(chosen, rejected),
+                    }
+                }
                 (None, _) => {
                     return Err(RecordError::new(Problem::MissingField, "score_chosen".to_string(), "missing score"))
                 }

@@ -204,6 +204,22 @@ pub fn write_tables(outputs: &[(PathBuf, &Table)], threads: usize) -> Result<()>
     Ok(())
 }
 
+/// What `convert` reports: the rows and the Arrow type of every column.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TableStats {
+    pub rows: u64,
+    pub columns: Vec<(String, String)>,
+}
+
+impl TableStats {
+    pub fn of(table: &Table) -> TableStats {
+        TableStats {
+            rows: table.num_rows() as u64,
+            columns: table.schema.fields().iter().map(|f| (f.name().clone(), f.data_type().to_string())).collect(),
+        }
+    }
+}
+
 /// An empty table with no columns.
 pub fn empty(source: &str) -> Table {
     Table { source: source.to_string(), schema: Arc::new(Schema::empty()), batches: Vec::new() }
