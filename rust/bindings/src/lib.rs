@@ -1,10 +1,15 @@
 //! Python bindings of prefops-core. Only conversions live here: the work is in the core,
 //! run with the GIL released.
 
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
+use std::time::Duration;
 
 use pyo3::create_exception;
-use pyo3::exceptions::{PyKeyboardInterrupt, PyOSError, PyValueError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3_arrow::input::AnyRecordBatch;
 use pyo3_arrow::PyTable;
@@ -31,6 +36,63 @@ fn to_py_err(e: PrepError) -> PyErr {
             DataError::new_err(e.to_string())
         }
     }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
+}
+
+/// A Rust panic must not take the Python process down or escape as PanicException (a
+/// BaseException that `except Exception` misses): it becomes a RuntimeError.
+fn panic_error(payload: Box<dyn std::any::Any + Send>) -> PyErr {
+    PyRuntimeError::new_err(format!(
+        "prefops internal error (a bug; please report it with the input that caused it): {}; no output was written",
+        panic_message(payload.as_ref())
+    ))
+}
+
+/// Run `work` without the GIL on a worker thread while this thread watches for Ctrl-C: on
+/// SIGINT the step's cancellation flag is set, the step stops within one slice, writes
+/// nothing, and KeyboardInterrupt is raised. Panics become RuntimeError.
+fn run_detached<T: Send>(py: Python<'_>, work: impl FnOnce() -> Result<T, PrepError> + Send) -> PyResult<T> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let outcome = py.detach(|| {
+        std::thread::scope(|s| {
+            let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+            let worker_flag = flag.clone();
+            let handle = s.spawn(move || {
+                let r = steps::cancel::scope(worker_flag, work);
+                let _ = done_tx.send(());
+                r
+            });
+            // Returns at once when the work ends (or its sender is dropped by a panic).
+            while let Err(RecvTimeoutError::Timeout) = done_rx.recv_timeout(Duration::from_millis(50)) {
+                if Python::attach(|py| py.check_signals().is_err()) {
+                    flag.store(true, Ordering::Relaxed);
+                }
+            }
+            handle.join()
+        })
+    });
+    match outcome {
+        Ok(r) => r.map_err(to_py_err),
+        Err(payload) => Err(panic_error(payload)),
+    }
+}
+
+/// Test hook: panics inside a worker thread of a detached run, as a bug in a step would.
+#[pyfunction]
+fn _panic_for_tests(py: Python<'_>) -> PyResult<()> {
+    run_detached(py, || {
+        std::thread::scope(|s| {
+            s.spawn(|| panic!("deliberate test panic"));
+        });
+        Ok(())
+    })
 }
 
 fn parse<T: std::str::FromStr<Err = String>>(s: &str) -> PyResult<T> {
@@ -115,7 +177,10 @@ fn prep<'py>(
     let memory = matches!(out, Output::Memory);
     // Ctrl-C: the run polls this between chunks; Python runs its signal handlers here.
     let interrupted = || Python::attach(|py| py.check_signals().is_err());
-    let report = py.detach(|| pipeline::prep(input, &out, &opts, &interrupted)).map_err(to_py_err)?;
+    let report = py
+        .detach(|| std::panic::catch_unwind(AssertUnwindSafe(|| pipeline::prep(input, &out, &opts, &interrupted))))
+        .map_err(panic_error)?
+        .map_err(to_py_err)?;
     let summary = serde_json::json!({
         "format": report.format.name(),
         "kind": report.kind.name(),
@@ -205,18 +270,16 @@ fn run_step(
     let input = step_input(source)?;
     let threads = pipeline::resolve_threads(threads);
     let start = std::time::Instant::now();
-    let (table, files, stats) = py
-        .detach(move || {
-            let table = load(input, threads)?;
-            let (out, files, stats) = work(table, threads)?;
-            if files.is_empty() {
-                return Ok((Some(out), Vec::new(), stats));
-            }
-            let refs: Vec<(PathBuf, &Table)> = files.iter().map(|(p, t)| (p.clone(), t)).collect();
-            steps::write_tables(&refs, threads)?;
-            Ok::<_, PrepError>((None, files.into_iter().map(|(p, _)| p).collect(), stats))
-        })
-        .map_err(to_py_err)?;
+    let (table, files, stats) = run_detached(py, move || {
+        let table = load(input, threads)?;
+        let (out, files, stats) = work(table, threads)?;
+        if files.is_empty() {
+            return Ok((Some(out), Vec::new(), stats));
+        }
+        let refs: Vec<(PathBuf, &Table)> = files.iter().map(|(p, t)| (p.clone(), t)).collect();
+        steps::write_tables(&refs, threads)?;
+        Ok::<_, PrepError>((None, files.into_iter().map(|(p, _)| p).collect(), stats))
+    })?;
     Ok((table, files, threads, start.elapsed().as_secs_f64(), stats))
 }
 
@@ -362,6 +425,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(reward_augment, m)?)?;
     m.add_function(wrap_pyfunction!(format_score, m)?)?;
     m.add_function(wrap_pyfunction!(convert, m)?)?;
+    m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
     m.add("AUGMENT_DEFAULT_TEMPLATE", augment::DEFAULT_TEMPLATE)?;
     m.add("AUGMENT_ULTRAFEEDBACK_TEMPLATE", augment::ULTRAFEEDBACK_TEMPLATE)?;
     m.add("DataError", m.py().get_type::<DataError>())?;

@@ -10,6 +10,7 @@
 //! `resolve_threads(threads)` threads, results kept in input order.
 
 pub mod augment;
+pub mod cancel;
 pub mod curriculum;
 pub mod flip;
 pub mod table;
@@ -49,15 +50,20 @@ pub(crate) fn par_map<T: Sync, R: Send>(
     f: impl Fn(&T) -> Result<R> + Sync,
 ) -> Result<Vec<R>> {
     let n = items.len();
+    // Checked before each item: a cancelled run stops within one item.
+    let f = |x: &T| cancel::check().and_then(|_| f(x));
     if threads <= 1 || n <= 1 {
         return items.iter().map(f).collect();
     }
+    let flag = cancel::current().unwrap_or_default();
     let next = AtomicUsize::new(0);
     let first_failure = AtomicUsize::new(usize::MAX);
     let slots: Vec<Mutex<Option<Result<R>>>> = (0..n).map(|_| Mutex::new(None)).collect();
     std::thread::scope(|s| {
         for _ in 0..threads.min(n) {
-            s.spawn(|| loop {
+            let flag = flag.clone();
+            let (next, first_failure, slots, f) = (&next, &first_failure, &slots, &f);
+            s.spawn(move || cancel::scope(flag, || loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= n || i > first_failure.load(Ordering::Relaxed) {
                     break;
@@ -67,7 +73,7 @@ pub(crate) fn par_map<T: Sync, R: Send>(
                     first_failure.fetch_min(i, Ordering::Relaxed);
                 }
                 *slots[i].lock().expect("no worker panics while holding a slot") = Some(r);
-            });
+            }));
         }
     });
     let mut out = Vec::with_capacity(n);

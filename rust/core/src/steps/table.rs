@@ -97,12 +97,16 @@ pub fn read_table(path: &Path, threads: usize) -> Result<Table> {
         let schema = builder.schema().clone();
         let reader = builder.with_batch_size(SLICE_ROWS).build().map_err(parquet)?;
         let batches = reader
-            .map(|b| b.map_err(|e| PrepError::Parquet { path: source.clone(), message: e.to_string() }))
+            .map(|b| {
+                super::cancel::check()?;
+                b.map_err(|e| PrepError::Parquet { path: source.clone(), message: e.to_string() })
+            })
             .collect::<Result<Vec<_>>>()?;
         return Table::new(source, schema, batches);
     }
-    let chunks: Vec<Chunk> =
-        read_file(path, 4 << 20, SLICE_ROWS, Arc::new(AtomicU64::new(0)))?.collect::<Result<Vec<_>>>()?;
+    let chunks: Vec<Chunk> = read_file(path, 4 << 20, SLICE_ROWS, Arc::new(AtomicU64::new(0)))?
+        .map(|c| super::cancel::check().and(c))
+        .collect::<Result<Vec<_>>>()?;
     let batches = par_map(&chunks, crate::pipeline::resolve_threads(threads), |chunk| {
         let mut rows: Vec<Value<'_>> = Vec::new();
         chunk.for_each_record(|loc, parsed| {
@@ -166,6 +170,7 @@ fn write_staged(path: &Path, table: &Table, threads: usize) -> Result<Staged> {
         }
         _ => {
             for (first, b) in slices {
+                super::cancel::check()?;
                 sink.write_batch(Loc::Row(first), b)?;
             }
         }
@@ -190,6 +195,8 @@ pub fn write_tables(outputs: &[(PathBuf, &Table)], threads: usize) -> Result<()>
     for (path, table) in outputs {
         staged.push(write_staged(path, table, threads)?);
     }
+    // Last chance to stop: after this, outputs appear.
+    super::cancel::check()?;
     let mut done: Vec<PathBuf> = Vec::new();
     for s in staged {
         let dest = s.dest().to_path_buf();
