@@ -36,6 +36,8 @@ pub enum Problem {
     SingleResponse,
     LengthMismatch,
     NoPromptBoundary,
+    /// Two records share a prompt id but not the prompt (only when grouping by prompt).
+    PromptIdConflict,
 }
 
 impl Problem {
@@ -50,6 +52,7 @@ impl Problem {
             Problem::SingleResponse => "single_response",
             Problem::LengthMismatch => "length_mismatch",
             Problem::NoPromptBoundary => "no_prompt_boundary",
+            Problem::PromptIdConflict => "prompt_id_conflict",
         }
     }
 }

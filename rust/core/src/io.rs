@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -156,18 +157,58 @@ pub fn sniff(path: &Path) -> Result<FileKind> {
 
 pub type ChunkIter = Box<dyn Iterator<Item = Result<Chunk>> + Send>;
 
+/// Record batches of a Parquet file. The parquet crate can panic on a corrupt file (found by
+/// fuzzing: a damaged definition-level buffer); such a panic becomes an error naming the
+/// file, and the reader stops there.
+pub fn parquet_batches(path: &Path, batch_rows: usize) -> Result<(SchemaRef, impl Iterator<Item = Result<RecordBatch>> + Send)> {
+    let name = path.display().to_string();
+    let error = {
+        let name = name.clone();
+        move |message: String| PrepError::Parquet { path: name.clone(), message }
+    };
+    let file = File::open(path).map_err(|e| PrepError::io(path, e))?;
+    let built = catch_unwind(AssertUnwindSafe(|| {
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+        let schema = builder.schema().clone();
+        Ok::<_, parquet::errors::ParquetError>((schema, builder.with_batch_size(batch_rows).build()?))
+    }));
+    let (schema, mut reader) = match built {
+        Ok(r) => r.map_err(|e| error(e.to_string()))?,
+        Err(panic) => return Err(error(corrupt(panic.as_ref()))),
+    };
+    let mut failed = false;
+    let batches = std::iter::from_fn(move || {
+        if failed {
+            return None;
+        }
+        match catch_unwind(AssertUnwindSafe(|| reader.next())) {
+            Ok(next) => next.map(|b| b.map_err(|e| error(e.to_string()))),
+            Err(panic) => {
+                failed = true;
+                Some(Err(error(corrupt(panic.as_ref()))))
+            }
+        }
+    });
+    Ok((schema, batches))
+}
+
+fn corrupt(panic: &(dyn std::any::Any + Send)) -> String {
+    let detail = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    format!("corrupt Parquet data ({detail})")
+}
+
 /// Chunks of a file, with the number of source bytes read so far in `progress`.
 pub fn read_file(path: &Path, chunk_bytes: usize, batch_rows: usize, progress: Arc<AtomicU64>) -> Result<ChunkIter> {
     match sniff(path)? {
         FileKind::Parquet => {
-            let file = File::open(path).map_err(|e| PrepError::io(path, e))?;
-            let name = path.display().to_string();
-            let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-                .and_then(|b| b.with_batch_size(batch_rows).build())
-                .map_err(|e| PrepError::Parquet { path: name.clone(), message: e.to_string() })?;
+            let (_, reader) = parquet_batches(path, batch_rows)?;
             let mut first_row = 0u64;
             Ok(Box::new(reader.map(move |b| {
-                let batch = b.map_err(|e| PrepError::Parquet { path: name.clone(), message: e.to_string() })?;
+                let batch = b?;
                 let chunk = Chunk::Batch { first_row, batch };
                 if let Chunk::Batch { batch, .. } = &chunk {
                     first_row += batch.num_rows() as u64;

@@ -12,7 +12,7 @@ use arrow_schema::{Schema, SchemaRef};
 use crossbeam_channel::{bounded, RecvTimeoutError};
 
 use crate::arrow_out::rows_to_batch;
-use crate::error::{Loc, PrepError, Result};
+use crate::error::{Loc, PrepError, Problem, RecordError, Result};
 use crate::formats::{normalise, Format, ReadOptions};
 use crate::io::{read_file, Chunk, ChunkIter, Encoding, Output, Sink};
 use crate::model::Group;
@@ -109,7 +109,7 @@ struct Ctx {
 enum Payload {
     Bytes(Vec<u8>),
     Batch(RecordBatch),
-    Groups(Vec<Group<'static>>),
+    Groups(Vec<(Loc, Group<'static>)>),
     Nothing,
 }
 
@@ -196,7 +196,7 @@ fn process(chunk: Chunk, ctx: &Ctx) -> Result<ChunkOut> {
         Encoding::Jsonl => Rows::Jsonl(Vec::with_capacity(1 << 20)),
         Encoding::None => Rows::Counted,
     };
-    let mut groups: Vec<Group<'static>> = Vec::new();
+    let mut groups: Vec<(Loc, Group<'static>)> = Vec::new();
     if let Chunk::Groups { groups: gs, .. } = &chunk {
         for g in gs {
             emit(g, ctx, &mut stats, &mut rows);
@@ -219,7 +219,7 @@ fn process(chunk: Chunk, ctx: &Ctx) -> Result<ChunkOut> {
                 }
             }
             Ok(g) if ctx.collect_groups => {
-                groups.push(g.into_owned());
+                groups.push((loc, g.into_owned()));
                 Ok(())
             }
             Ok(g) => {
@@ -465,15 +465,31 @@ pub fn prep(input: Input, output: &Output, opts: &PrepOptions, interrupted: Inte
     if group_first {
         // Pass 1: normalise everything and merge groups by prompt id, in first-seen order.
         let mut groups: Vec<Group<'static>> = Vec::new();
-        let mut index: HashMap<String, usize> = HashMap::new();
+        let mut index: HashMap<String, (usize, Loc)> = HashMap::new();
         run_chunks(chunks, &ctx, threads, interrupted, |out| {
             stats.merge(&out.stats);
             if let Payload::Groups(gs) = out.payload {
-                for g in gs {
+                for (loc, g) in gs {
                     match index.get(g.prompt_id.as_ref()) {
-                        Some(&i) => groups[i].responses.extend(g.responses),
+                        Some(&(i, _)) if groups[i].prompt == g.prompt => groups[i].responses.extend(g.responses),
+                        // Same id, different prompt: merging would silently drop one prompt.
+                        Some(&(_, first)) => {
+                            let e = RecordError::new(
+                                Problem::PromptIdConflict,
+                                "prompt_id".to_string(),
+                                format!(
+                                    "prompt id '{}' was used at {first} for a different prompt; give each prompt its own id",
+                                    g.prompt_id
+                                ),
+                            )
+                            .at(loc);
+                            if !opts.skip_invalid {
+                                return Err(PrepError::Record { source: source.clone(), error: e });
+                            }
+                            stats.skip(e.problem.key(), || e.describe());
+                        }
                         None => {
-                            index.insert(g.prompt_id.to_string(), groups.len());
+                            index.insert(g.prompt_id.to_string(), (groups.len(), loc));
                             groups.push(g);
                         }
                     }

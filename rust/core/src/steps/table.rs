@@ -6,12 +6,11 @@ use std::sync::Arc;
 
 use arrow_array::RecordBatch;
 use arrow_schema::{Schema, SchemaRef};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use super::{column_error, par_map, SLICE_ROWS};
 use crate::arrow_out::{conform, merged_schema, rows_to_batch};
 use crate::error::{Loc, PrepError, Problem, RecordError, Result};
-use crate::io::{read_file, sniff, Chunk, Encoding, FileKind, Output, Sink, Staged};
+use crate::io::{parquet_batches, read_file, sniff, Chunk, Encoding, FileKind, Output, Sink, Staged};
 use crate::value::Value;
 
 /// Record batches sharing one schema, with the name of where they came from (for errors).
@@ -91,17 +90,8 @@ pub fn read_table(path: &Path, threads: usize) -> Result<Table> {
         return Err(PrepError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")));
     }
     if sniff(path)? == FileKind::Parquet {
-        let file = std::fs::File::open(path).map_err(|e| PrepError::io(path, e))?;
-        let parquet = |e: parquet::errors::ParquetError| PrepError::Parquet { path: source.clone(), message: e.to_string() };
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet)?;
-        let schema = builder.schema().clone();
-        let reader = builder.with_batch_size(SLICE_ROWS).build().map_err(parquet)?;
-        let batches = reader
-            .map(|b| {
-                super::cancel::check()?;
-                b.map_err(|e| PrepError::Parquet { path: source.clone(), message: e.to_string() })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let (schema, reader) = parquet_batches(path, SLICE_ROWS)?;
+        let batches = reader.map(|b| super::cancel::check().and(b)).collect::<Result<Vec<_>>>()?;
         return Table::new(source, schema, batches);
     }
     let chunks: Vec<Chunk> = read_file(path, 4 << 20, SLICE_ROWS, Arc::new(AtomicU64::new(0)))?
