@@ -51,6 +51,12 @@ def main(out_dir, mode):
     policy, ref = models()
     if mode == "ddp":
         wrapped = DistributedDataParallel(policy)
+    elif mode == "fsdp1":  # FullyShardedDataParallel, one unit per decoder layer + the root
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        wrapped = FullyShardedDataParallel(policy, auto_wrap_policy=ModuleWrapPolicy({type(policy.model.layers[0])}),
+                                           use_orig_params=True, device_id=torch.device("cpu"))
     else:  # FSDP2: each decoder layer and the root sharded over the 2 ranks
         from torch.distributed.fsdp import fully_shard
 
@@ -60,8 +66,12 @@ def main(out_dir, mode):
     pairs = list(range(rank * PAIRS_PER_RANK, (rank + 1) * PAIRS_PER_RANK))
     loss, _ = causal_lm_preference_loss(wrapped, batch_of(pairs), ref_model=ref, **LOSS)
     loss.backward()
-    grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-             for n, p in policy.named_parameters()}
+    if mode == "fsdp1":
+        with wrapped.summon_full_params(wrapped, with_grads=True):
+            grads = {n.replace("_fsdp_wrapped_module.", ""): p.grad.clone() for n, p in policy.named_parameters()}
+    else:
+        grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                 for n, p in policy.named_parameters()}
     torch.save(grads, f"{out_dir}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

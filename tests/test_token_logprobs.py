@@ -189,6 +189,22 @@ def test_all_ignored_and_single_valid_token(backend):
     torch.testing.assert_close(out.seq_logps.double(), ref.sum(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend,n", [("torch", 65_536), ("triton", 4_096)])
+def test_very_long_sequence_sum_stays_exact(backend, n):
+    # One sequence of n tokens: the per-sequence sum accumulates n fp32 terms, and gradients
+    # reach every token. Triton runs a shorter one under the CPU interpreter.
+    x, w, b, t = make(n, 16, 64, bias=True, seed=11, ignore_frac=0.1)
+    out = token_logprobs(x.unsqueeze(0), w, t.unsqueeze(0), bias=b, reduction="sum", backend=backend)
+    ref = oracle_logps(x.detach(), w.detach(), t, b.detach())
+    torch.testing.assert_close(out.seq_logps.double().squeeze(), ref.sum(), atol=0, rtol=2e-6)
+    gx, gw = torch.autograd.grad(out.seq_logps.sum(), [x, w])
+    xe, we = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ex, ew = torch.autograd.grad(oracle_logps(xe, we, t, b.detach()).sum(), [xe, we])
+    assert torch.isfinite(gx).all() and torch.isfinite(gw).all()
+    torch.testing.assert_close(gx.double(), ex, atol=1e-5 * float(ex.abs().max()), rtol=1e-4)
+    torch.testing.assert_close(gw.double(), ew, atol=1e-5 * float(ew.abs().max()), rtol=1e-4)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_logits_stay_finite_and_exact(backend):
     # Logits around ±1e3: a naive exp overflows fp32; the online log-sum-exp must not.

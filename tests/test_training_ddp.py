@@ -17,7 +17,7 @@ from launch_ranks import run_ranks  # noqa: E402
 from prefops.training import causal_lm_preference_loss  # noqa: E402
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp1", "fsdp2"])
 def test_data_parallel_gradients_equal_single_process_on_combined_batch(tmp_path, mode):
     run_ranks("ddp_worker.py", tmp_path, mode)
 

@@ -204,6 +204,32 @@ def _reference_context(model, ref_model):
 # ------------------------------------------------------------------------------------------ loss
 
 
+def _is_fsdp1(model) -> bool:
+    return type(model).__name__ == "FullyShardedDataParallel"
+
+
+def run_inside_forward(wrapper, fn):
+    """``fn(inner)`` run as the forward of the module that ``wrapper`` wraps, and its result.
+
+    Sharded wrappers gather parameters only inside their forward, and FSDP1 frees the root's
+    parameters again right after it; a fused loss that reads ``lm_head.weight`` itself must
+    therefore run there. Outputs get the wrapper's backward hooks (FSDP1 gathers the weight
+    again for backward). Under DeepSpeed ZeRO-3 the weight is also registered as an external
+    parameter of the model, so that the engine's forward gathers it (not tested here: no
+    DeepSpeed in CI).
+    """
+    inner = wrapper.module
+    if hasattr(getattr(lm_head_of(inner), "weight", None), "ds_id"):  # ZeRO-3 partitioned parameter
+        from deepspeed.zero import register_external_parameter
+
+        register_external_parameter(inner, lm_head_of(inner).weight)
+    inner.forward = lambda *args, **kwargs: fn(inner)  # the instance attribute shadows the class method
+    try:
+        return wrapper()
+    finally:
+        del inner.forward
+
+
 def causal_lm_preference_loss(
     model,
     batch: Mapping[str, Any],
@@ -234,6 +260,10 @@ def causal_lm_preference_loss(
     Returns:
         (loss, metrics), metrics TRL-named and detached.
     """
+    if _is_fsdp1(model) or type(model).__name__ == "DeepSpeedEngine":
+        return run_inside_forward(model, lambda inner: causal_lm_preference_loss(
+            inner, batch, ref_model=ref_model, loss=loss, reference_free=reference_free, backend=backend,
+            chunk_elements=chunk_elements, **loss_kwargs))
     hidden, targets, token_weights = _hidden_and_targets(model, batch, _shifted_weights(batch))
     head = lm_head_of(model)  # after the forward: FSDP2 roots keep their parameters gathered until backward
     common = dict(bias=head.bias, temperature=head.temperature, logit_softcap=head.logit_softcap, backend=backend,
