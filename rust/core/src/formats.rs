@@ -435,10 +435,8 @@ pub fn normalise<'a>(record: Value<'a>, format: Format, opts: &ReadOptions) -> R
             let sr = parse_score(take_field(&mut f, "score_rejected"), &"score_rejected")?;
             let responses = match (sc, sr) {
                 (Some(sc), Some(sr)) => {
-                    let mut c = Response::new(chosen);
-                    c.score = Some(sc);
-                    let mut r = Response::new(rejected);
-                    r.score = Some(sr);
+                    let (mut c, mut r) = (Response::new(chosen), Response::new(rejected));
+                    (c.score, r.score) = (Some(sc), Some(sr));
                     vec![c, r]
                 }
                 // Both scores null: an unrated pair, e.g. prep's own output for ranked input
@@ -446,16 +444,11 @@ pub fn normalise<'a>(record: Value<'a>, format: Format, opts: &ReadOptions) -> R
                 (None, None) => {
                     let rc = parse_score(take_field(&mut f, "rank_chosen"), &"rank_chosen")?;
                     let rr = parse_score(take_field(&mut f, "rank_rejected"), &"rank_rejected")?;
-                    match (rc, rr) {
-                        (Some(rc), Some(rr)) => {
-                            let mut c = Response::new(chosen);
-                            c.rank = Some(rc);
-                            let mut r = Response::new(rejected);
-                            r.rank = Some(rr);
-                            vec![c, r]
-                        }
-                        _ => two_ranked(chosen, rejected),
+                    let mut pair = two_ranked(chosen, rejected);
+                    if let (Some(rc), Some(rr)) = (rc, rr) {
+                        (pair[0].rank, pair[1].rank) = (Some(rc), Some(rr));
                     }
+                    pair
                 }
                 (None, _) => {
                     return Err(RecordError::new(Problem::MissingField, "score_chosen".to_string(), "missing score"))
