@@ -201,6 +201,7 @@ pub fn make_list(group: &Group<'_>, opts: &ListOptions, stats: &mut Stats) -> Op
     let (pref, mut order) = preference_order(group, opts.dedupe, stats);
     if order.len() < opts.min_size {
         stats.drop_reason("below_min_size", 1);
+        stats.lists.get_or_insert_with(Default::default).responses_below_min_size += order.len() as u64;
         return None;
     }
     let mut truncated = false;
@@ -347,6 +348,7 @@ mod tests {
         let l = make_list(&dup, &ListOptions { min_size: 3, ..Default::default() }, &mut st);
         assert!(l.is_none());
         assert_eq!((st.dropped["duplicate_response"], st.dropped["below_min_size"]), (1, 1));
+        assert_eq!(st.lists.unwrap().responses_below_min_size, 2);
     }
 
     #[test]

@@ -93,12 +93,15 @@ pub struct Stats {
 }
 
 /// Counters of a listwise run. With `Stats`: prompts = lists_made + dropped["below_min_size"];
-/// responses = responses_listed + dropped["duplicate_response"] + dropped["over_list_size"];
+/// responses = responses_listed + responses_below_min_size + dropped["duplicate_response"]
+/// + dropped["over_list_size"];
 /// ties_kept counts tied pairs (equal labels) inside the written lists.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct ListStats {
     pub lists_made: u64,
     pub responses_listed: u64,
+    /// Responses (after dedupe) of the prompts dropped as "below_min_size".
+    pub responses_below_min_size: u64,
     /// Lists cut down to list_size.
     pub lists_truncated: u64,
     /// Lists holding at least two responses with equal labels.
@@ -111,6 +114,7 @@ impl ListStats {
     pub fn merge(&mut self, other: &ListStats) {
         self.lists_made += other.lists_made;
         self.responses_listed += other.responses_listed;
+        self.responses_below_min_size += other.responses_below_min_size;
         self.lists_truncated += other.lists_truncated;
         self.lists_with_ties += other.lists_with_ties;
         for (k, v) in &other.sizes {
