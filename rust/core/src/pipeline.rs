@@ -432,14 +432,26 @@ pub fn prep(input: Input, output: &Output, opts: &PrepOptions, interrupted: Inte
         Input::Batches { name, batches, total_rows } => {
             let pos = position.clone();
             let mut first_row = 0u64;
-            let chunks = batches.map(move |b| {
-                let batch = b?;
-                let chunk = Chunk::Batch { first_row, batch };
-                if let Chunk::Batch { batch, .. } = &chunk {
-                    first_row += batch.num_rows() as u64;
-                    pos.store(first_row, Ordering::Relaxed);
-                }
-                Ok(chunk)
+            // A big batch (a whole pyarrow Table is often one) is cut into batch_rows slices
+            // (zero-copy) so that the workers share it.
+            let slice_rows = opts.batch_rows.max(1);
+            let chunks = batches.flat_map(move |b| -> Vec<Result<Chunk>> {
+                let batch = match b {
+                    Ok(batch) => batch,
+                    Err(e) => return vec![Err(e)],
+                };
+                let n = batch.num_rows();
+                let starts: Vec<usize> = if n == 0 { vec![0] } else { (0..n).step_by(slice_rows).collect() };
+                starts
+                    .into_iter()
+                    .map(|start| {
+                        let part = batch.slice(start, slice_rows.min(n - start));
+                        let chunk = Chunk::Batch { first_row, batch: part };
+                        first_row += slice_rows.min(n - start) as u64;
+                        pos.store(first_row, Ordering::Relaxed);
+                        Ok(chunk)
+                    })
+                    .collect()
             });
             (name, Box::new(chunks) as ChunkIter, total_rows, false)
         }

@@ -92,10 +92,10 @@ pub struct Stats {
     pub lists: Option<ListStats>,
 }
 
-/// Counters of a listwise run. With `Stats`: prompts = lists_made + dropped["below_min_size"];
-/// responses = responses_listed + responses_below_min_size + dropped["duplicate_response"]
-/// + dropped["over_list_size"];
-/// ties_kept counts tied pairs (equal labels) inside the written lists.
+/// Counters of a listwise run. With `Stats`, prompts = lists_made + dropped["below_min_size"],
+/// and responses = responses_listed + responses_below_min_size + dropped["duplicate_response"]
+/// plus dropped["over_list_size"]. `Stats::ties_kept` counts tied pairs (equal labels) inside
+/// the written lists.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct ListStats {
     pub lists_made: u64,
