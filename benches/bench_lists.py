@@ -70,8 +70,12 @@ def generate(n: int, seed: int):
         texts.append(texts[-1] if repeat[j] and j > 0 else " ".join(words[row]) + f" r{j}")
     scores = rng.choice(np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 7.5, 8.0, 9.0, 10.0]), size=total)
     models = rng.choice(np.array(["gpt-4", "llama-2-70b", "vicuna-33b", "wizardlm-13b"]), size=total)
+    def array(values):  # pyarrow chunks very long conversions
+        arr = pa.array(values)
+        return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+
     completions = pa.StructArray.from_arrays(
-        [pa.array(texts), pa.array(scores), pa.array(models)], names=["response", "overall_score", "model"])
+        [array(texts), array(scores), array(models)], names=["response", "overall_score", "model"])
     return pa.table({
         "source": pa.array(rng.choice(np.array(["evol", "sharegpt", "flan"]), size=n)),
         "instruction": pa.array(instructions),
