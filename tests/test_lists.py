@@ -437,3 +437,21 @@ def test_cli_errors(tmp_path):
     assert run_cli("lists", IMAGEREWARD).returncode == 2
     dry = run_cli("lists", IMAGEREWARD, "--dry-run", "-q")
     assert dry.returncode == 0 and dry.stderr == ""
+
+
+def test_big_arrow_batches_are_sliced_without_changing_output_or_error_rows():
+    groups = [from_ranked_list(r) for r in json.loads(IMAGEREWARD.read_text())[:50]]
+    table = pa.Table.from_pylist([{"prompt": g["prompt"], "responses": g["responses"]} for g in groups])
+    opts = dict(kind="lists", format="grouped", list_size=3, truncate="random", seed=1)
+    whole, _ = _native.prep(table, **opts)
+    sliced, _ = _native.prep(table, threads=3, batch_rows=7, **opts)
+    assert sliced.to_pylist() == whole.to_pylist()
+    rows = table.to_pylist()
+    rows[20]["responses"][1]["rank"] = None  # the reader's own check: a response needs a score or rank
+    bad = pa.Table.from_pylist(rows)
+    messages = []
+    for batch_rows in (8192, 7):
+        with pytest.raises(prefops.DataError) as e:
+            _native.prep(bad, threads=2, batch_rows=batch_rows, **opts)
+        messages.append(str(e.value))
+    assert messages[0] == messages[1] and "row 2" in messages[0] and "responses[1]" in messages[0]
