@@ -61,7 +61,7 @@ def damaged_file(draw):
 
 OPTIONS = st.fixed_dictionaries({
     "format": st.one_of(st.none(), st.sampled_from(prefops.FORMATS)),
-    "kind": st.sampled_from(["pairs", "unpaired", "grouped"]),
+    "kind": st.sampled_from(["pairs", "unpaired", "grouped", "lists"]),
     "skip_invalid": st.booleans(),
     "strategy": st.sampled_from(prefops.STRATEGIES),
     "threads": st.integers(1, 3),

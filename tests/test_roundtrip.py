@@ -24,9 +24,9 @@ def _records(path):
     return [json.loads(x) for x in path.read_text(encoding="utf-8").split("\n")[:-1]]
 
 
-# KTO rows pair up only where a prompt has both labels: none do in that sample.
-@pytest.mark.parametrize("sample,kind", [(s, k) for s in SAMPLES for k in ("pairs", "unpaired", "grouped")
-                                         if (s, k) != ("llamafactory_kto", "pairs")])
+# KTO rows pair up (or make lists) only where a prompt has both labels: none do in that sample.
+@pytest.mark.parametrize("sample,kind", [(s, k) for s in SAMPLES for k in ("pairs", "unpaired", "grouped", "lists")
+                                         if not (s == "llamafactory_kto" and k in ("pairs", "lists"))])
 def test_prep_output_survives_jsonl_parquet_jsonl_byte_for_byte(tmp_path, sample, kind):
     first = tmp_path / "a.jsonl"
     made = prefops.prep(prefops.sample_path(sample), first, kind=kind, strategy="all_pairs", skip_invalid=True)

@@ -7,6 +7,7 @@ else (no torch, no triton, no GPU probing).
 from prefops._native import DataError
 from prefops.data import FORMATS, STRATEGIES, THREADS_ENV, PrepResult, prep, sample_path
 from prefops.steps import StepResult, convert, curriculum, flip_labels, reward_augment
+from prefops.lists import ListResult, ListTensors, list_tensors, lists
 
 try:
     from importlib.metadata import version as _version
@@ -28,6 +29,10 @@ __all__ = [
     "flip_labels",
     "reward_augment",
     "convert",
+    "ListResult",
+    "ListTensors",
+    "list_tensors",
+    "lists",
     "__version__",
 ]
 

@@ -4,6 +4,7 @@
     prefops curriculum PAIRS -o OUTPUT       Curry-DPO easy->hard order / per-prompt stages
     prefops flip PAIRS -o OUTPUT             swap chosen/rejected: F-DPO labels, reward model, random rate
     prefops augment PAIRS -o OUTPUT          reward-augmented relabeling (each pair twice, score in the prompt)
+    prefops lists INPUT -o OUTPUT [options]  rated data -> one ranked list per prompt (LiPO / RankDPO)
     prefops demo [--out DIR] [--prep-only]   prep the bundled samples, then train a tiny LM (DPO) and a
                                              tiny UNet (Diffusion-DPO) on CPU and plot the curves
 """
@@ -22,6 +23,7 @@ from typing import Optional, Sequence
 from prefops import _native
 from prefops.data import FORMATS, STRATEGIES, THREADS_ENV, prep, sample_path
 from prefops.steps import TEMPLATES, StepResult, convert, curriculum, flip_labels, reward_augment
+from prefops.lists import LABELS, TRUNCATE, lists
 
 EXIT_DATA_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -98,6 +100,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
 
     _add_step_parsers(sub)
+    _add_lists_parser(sub)
 
     d = sub.add_parser("demo", help="prep the bundled samples, train a tiny LM and UNet, plot (no downloads)")
     d.add_argument("--out", type=Path, default=Path("prefops-demo"),
@@ -276,6 +279,68 @@ def _run_prep(args: argparse.Namespace) -> int:
                                   "kind": result.kind, "strategy": args.strategy, "seed": args.seed})
 
 
+def _add_lists_parser(sub) -> None:
+    p = sub.add_parser(
+        "lists",
+        help="turn rated data into one ranked list of responses per prompt (LiPO / RankDPO)",
+        description="Read rated preference data (the same inputs as prep) and write one row per prompt: its "
+        "responses best first with labels (larger = better, ties equal), gains 2^label - 1, scores/ranks and "
+        "list_size. The output appears only if the whole run succeeds.",
+    )
+    p.add_argument("input", type=Path)
+    p.add_argument("-o", "--output", type=Path, help=".jsonl, .jsonl.gz or .parquet (required unless --dry-run)")
+    p.add_argument("--list-size", type=_positive_int, metavar="K",
+                   help="at most K responses per list (default: keep all); must be >= 2")
+    p.add_argument("--label", choices=LABELS, default="dense_rank",
+                   help="dense_rank: worst distinct preference 0, next 1, ... (default); score: the raw score")
+    p.add_argument("--truncate", choices=TRUNCATE, default="top",
+                   help="over K responses: keep the best K (ties at the cut drawn with the seed) or K at random")
+    p.add_argument("--min-size", type=_positive_int, default=2,
+                   help="prompts with fewer responses (after dedupe) make no list (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=FORMATS, help="input schema (default: detected from the first record)")
+    p.add_argument("--map", dest="column_map", action="append", type=_column_mapping, default=[],
+                   metavar="CANONICAL=YOURS", help="rename an input column before detection (repeatable)")
+    p.add_argument("--score-field", help="UltraFeedback completion field holding the score (default overall_score)")
+    p.add_argument("--no-dedupe", dest="dedupe", action="store_false", help="keep identical responses")
+    p.add_argument("--group-by-prompt", action="store_true", help="merge rows sharing a prompt into one list")
+    p.add_argument("--skip-invalid", action="store_true", help="count and skip bad records instead of stopping")
+    p.add_argument("--threads", type=_positive_int, help=f"worker threads (default ${THREADS_ENV} or all CPUs)")
+    p.add_argument("--dry-run", action="store_true", help="read and build lists, write nothing")
+    p.add_argument("--stats", type=Path, help="write the JSON stats report here")
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
+
+
+def _run_lists(args: argparse.Namespace) -> int:
+    if args.output is None and not args.dry_run:
+        print("prefops lists: error: -o/--output is required (or pass --dry-run)", file=sys.stderr)
+        return 2
+    if args.list_size is not None and args.list_size < 2:
+        print("prefops lists: error: --list-size must be at least 2", file=sys.stderr)
+        return 2
+    result = lists(
+        args.input,
+        args.output,
+        list_size=args.list_size,
+        label=args.label,
+        truncate=args.truncate,
+        min_size=args.min_size,
+        seed=args.seed,
+        format=args.format,
+        column_map=dict(args.column_map),
+        score_field=args.score_field,
+        dedupe=args.dedupe,
+        skip_invalid=args.skip_invalid,
+        group_by_prompt=args.group_by_prompt,
+        threads=args.threads,
+        progress=sys.stderr.isatty(),
+        dry_run=args.dry_run,
+    )
+    return _report(args, result, {"output": None if args.dry_run else str(args.output), "format": result.format,
+                                  "kind": result.kind, "list_size": args.list_size, "label": args.label,
+                                  "truncate": args.truncate, "min_size": args.min_size, "seed": args.seed})
+
+
 DEMO_RUNS = [
     ("hh", "HH-RLHF harmless (implicit prompt), bad rows skipped and counted",
      dict(strategy="best_vs_worst", skip_invalid=True), "hh_pairs.parquet"),
@@ -344,6 +409,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _run_augment(args)
         if args.command == "convert":
             return _finish_step(args, convert(args.input, args.output, threads=args.threads))
+        if args.command == "lists":
+            return _run_lists(args)
         return _run_demo(args)
     except KeyboardInterrupt:
         print("prefops: interrupted; no output was written", file=sys.stderr)

@@ -165,6 +165,31 @@ def prep(
         FileNotFoundError / OSError: unreadable input or unwritable output.
         ValueError: bad options.
     """
+    return _run_prep(
+        source,
+        output,
+        PrepResult,
+        format=format,
+        column_map=column_map,
+        score_field=score_field,
+        strategy=strategy,
+        min_margin=float(min_margin),
+        ties=ties,
+        dedupe=dedupe,
+        max_pairs_per_prompt=max_pairs_per_prompt,
+        seed=seed,
+        kind=kind,
+        skip_invalid=skip_invalid,
+        group_by_prompt=group_by_prompt,
+        threads=threads,
+        progress=progress,
+        dry_run=dry_run,
+    )
+
+
+def _run_prep(source, output, result_type, *, column_map=None, seed=0, threads=None, dry_run=False, **options):
+    """One native prep run (pairs, unpaired, grouped or lists): argument checks and conversion
+    shared by ``prep`` and ``prefops.lists``; ``result_type`` is built from the report."""
     src = _arrow_source(source)
     out = Path(output) if output is not None else None
     if threads is not None and threads < 1:
@@ -172,24 +197,14 @@ def prep(
     table, report_json = _native.prep(
         src,
         None if dry_run else out,
-        format=format,
         column_map=list((column_map or {}).items()),
-        score_field=score_field,
-        strategy=strategy,
-        min_margin=float(min_margin),
-        ties=ties,
-        dedupe=dedupe,
-        max_pairs_per_prompt=max_pairs_per_prompt,
         seed=int(seed),
-        kind=kind,
-        skip_invalid=skip_invalid,
-        group_by_prompt=group_by_prompt,
         threads=threads or 0,
-        progress=progress,
         dry_run=dry_run,
+        **options,
     )
     report = json.loads(report_json)
-    return PrepResult(
+    return result_type(
         format=report["format"],
         kind=report["kind"],
         stats=report["stats"],

@@ -19,6 +19,7 @@ use prefops_core::{
     pipeline, Format, Input, Output, OutputKind, PairOptions, PrepError, PrepOptions, ReadOptions, Strategy,
     TiePolicy,
 };
+use prefops_core::{LabelKind, ListOptions, Truncate as ListTruncate};
 
 // Prep allocates many small objects from several threads; mimalloc is markedly faster than
 // glibc malloc there. Only Rust allocations use it.
@@ -107,7 +108,8 @@ fn parse<T: std::str::FromStr<Err = String>>(s: &str) -> PyResult<T> {
     source, output=None, *, format=None, column_map=Vec::new(), score_field=None,
     strategy="best_vs_worst", min_margin=0.0, ties="drop", dedupe=true, max_pairs_per_prompt=None,
     seed=0, kind=None, skip_invalid=false, group_by_prompt=false, threads=0, progress=false,
-    dry_run=false, chunk_bytes=4194304, batch_rows=8192
+    dry_run=false, chunk_bytes=4194304, batch_rows=8192,
+    list_size=None, label="dense_rank", truncate="top", min_size=2
 ))]
 #[allow(clippy::too_many_arguments)]
 fn prep<'py>(
@@ -131,7 +133,20 @@ fn prep<'py>(
     dry_run: bool,
     chunk_bytes: usize,
     batch_rows: usize,
+    list_size: Option<usize>,
+    label: &str,
+    truncate: &str,
+    min_size: usize,
 ) -> PyResult<(Option<Bound<'py, PyAny>>, String)> {
+    let lists = ListOptions {
+        list_size,
+        label: parse::<LabelKind>(label)?,
+        truncate: parse::<ListTruncate>(truncate)?,
+        min_size,
+        dedupe,
+        seed,
+    };
+    lists.validate(None).map_err(PyValueError::new_err)?;
     if !min_margin.is_finite() || min_margin < 0.0 {
         return Err(PyValueError::new_err(format!("min_margin must be a finite number >= 0, got {min_margin}")));
     }
@@ -148,6 +163,7 @@ fn prep<'py>(
             max_pairs_per_prompt,
             seed,
         },
+        lists,
         kind: kind.map(parse::<OutputKind>).transpose()?,
         skip_invalid,
         group_by_prompt,

@@ -26,3 +26,7 @@ pub use pairs::{PairOptions, Strategy, TiePolicy};
 pub use pipeline::{prep, Input, PrepOptions, PrepReport, THREADS_ENV};
 pub use stats::Stats;
 pub use value::Value;
+
+pub mod list_output;
+pub mod lists;
+pub use lists::{LabelKind, ListOptions, Truncate};

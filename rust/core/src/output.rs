@@ -24,6 +24,8 @@ pub enum OutputKind {
     Unpaired,
     /// One row per prompt with all its responses.
     Grouped,
+    /// One row per prompt: its ranked list of responses with labels and gains (LiPO, RankDPO).
+    Lists,
 }
 
 impl OutputKind {
@@ -32,6 +34,7 @@ impl OutputKind {
             OutputKind::Pairs => "pairs",
             OutputKind::Unpaired => "unpaired",
             OutputKind::Grouped => "grouped",
+            OutputKind::Lists => "lists",
         }
     }
 }
@@ -49,7 +52,8 @@ impl FromStr for OutputKind {
             "pairs" => Ok(OutputKind::Pairs),
             "unpaired" => Ok(OutputKind::Unpaired),
             "grouped" => Ok(OutputKind::Grouped),
-            _ => Err(format!("unknown output kind '{s}'; expected pairs, unpaired or grouped")),
+            "lists" => Ok(OutputKind::Lists),
+            _ => Err(format!("unknown output kind '{s}'; expected pairs, unpaired, grouped or lists")),
         }
     }
 }
@@ -195,7 +199,7 @@ impl serde::Serialize for MessageJson<'_, '_> {
 }
 
 /// Content as JSON without building a `Value` first (same text as `to_value()` would give).
-struct ContentJson<'c, 'a>(&'c Content<'a>);
+pub(crate) struct ContentJson<'c, 'a>(pub(crate) &'c Content<'a>);
 
 impl serde::Serialize for ContentJson<'_, '_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -213,11 +217,11 @@ impl serde::Serialize for ContentJson<'_, '_> {
     }
 }
 
-fn json_into<T: serde::Serialize + ?Sized>(buf: &mut Vec<u8>, v: &T) {
+pub(crate) fn json_into<T: serde::Serialize + ?Sized>(buf: &mut Vec<u8>, v: &T) {
     serde_json::to_writer(buf, v).expect("writing JSON to a Vec cannot fail");
 }
 
-fn json_bytes<T: serde::Serialize + ?Sized>(v: &T) -> Vec<u8> {
+pub(crate) fn json_bytes<T: serde::Serialize + ?Sized>(v: &T) -> Vec<u8> {
     let mut b = Vec::new();
     json_into(&mut b, v);
     b
@@ -302,7 +306,7 @@ mod erased {
 /// A text-or-messages column built straight from `Content`, as Utf8 or
 /// List<Struct<role, content>>. A column that mixes the two becomes Utf8 with the message
 /// lists as JSON text — what the generic row path gives for mixed columns too.
-enum ContentColumn {
+pub(crate) enum ContentColumn {
     Empty(usize),
     Text(StringBuilder),
     Messages(ListBuilder<StructBuilder>),
@@ -313,7 +317,7 @@ fn message_fields() -> Fields {
 }
 
 impl ContentColumn {
-    fn append(&mut self, c: &Content<'_>) {
+    pub(crate) fn append(&mut self, c: &Content<'_>) {
         if let ContentColumn::Empty(nulls) = self {
             let nulls = *nulls;
             *self = match c {
@@ -374,7 +378,7 @@ impl ContentColumn {
         }
     }
 
-    fn finish(&mut self) -> ArrayRef {
+    pub(crate) fn finish(&mut self) -> ArrayRef {
         match self {
             ContentColumn::Empty(n) => Arc::new(arrow_array::NullArray::new(*n)),
             ContentColumn::Text(b) => Arc::new(b.finish()),

@@ -103,17 +103,16 @@ pub struct Pair {
     pub tie: bool,
 }
 
-/// Make the pairs of one prompt. Counts drops in `stats`.
-///
-/// Responses are ordered by preference (score, else −rank), highest first, ties kept in input
-/// order; that order decides "best", "worst" and which of two tied responses is `chosen`.
-pub fn make_pairs(group: &Group<'_>, opts: &PairOptions, stats: &mut Stats) -> Vec<Pair> {
+/// Each response's preference (score, else −rank) and the response indices ordered by it,
+/// highest first, ties in input order; with `dedupe`, a response whose content equals a
+/// better-ordered one is left out (counted as "duplicate_response"). Pairs and lists share it.
+pub fn preference_order(group: &Group<'_>, dedupe: bool, stats: &mut Stats) -> (Vec<f64>, Vec<usize>) {
     let pref: Vec<f64> = group.responses.iter().map(|r| r.preference()).collect();
     let mut order: Vec<usize> = (0..pref.len()).collect();
     // Scores are validated finite; partial_cmp treats -0.0 and 0.0 as equal (a tie).
     order.sort_by(|&a, &b| pref[b].partial_cmp(&pref[a]).unwrap_or(std::cmp::Ordering::Equal));
 
-    if opts.dedupe {
+    if dedupe {
         let mut kept: Vec<usize> = Vec::with_capacity(order.len());
         for &i in &order {
             if kept.iter().any(|&k| group.responses[k].content == group.responses[i].content) {
@@ -124,6 +123,15 @@ pub fn make_pairs(group: &Group<'_>, opts: &PairOptions, stats: &mut Stats) -> V
         }
         order = kept;
     }
+    (pref, order)
+}
+
+/// Make the pairs of one prompt. Counts drops in `stats`.
+///
+/// Responses are ordered by preference (score, else −rank), highest first, ties kept in input
+/// order; that order decides "best", "worst" and which of two tied responses is `chosen`.
+pub fn make_pairs(group: &Group<'_>, opts: &PairOptions, stats: &mut Stats) -> Vec<Pair> {
+    let (pref, order) = preference_order(group, opts.dedupe, stats);
     if order.len() < 2 {
         stats.drop_reason("fewer_than_two_responses", 1);
         return Vec::new();

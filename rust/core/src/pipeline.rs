@@ -15,6 +15,8 @@ use crate::arrow_out::rows_to_batch;
 use crate::error::{Loc, PrepError, Problem, RecordError, Result};
 use crate::formats::{normalise, Format, ReadOptions};
 use crate::io::{read_file, Chunk, ChunkIter, Encoding, Output, Sink};
+use crate::list_output::{write_list_jsonl, ListBatchBuilder, ListColumns};
+use crate::lists::{check_labels, make_list, ListOptions};
 use crate::model::Group;
 use crate::output::{grouped_row, unpaired_rows, write_pairs_jsonl, OutputKind, PairBatchBuilder, PairColumns, TYPE_HINTS};
 use crate::pairs::{make_pairs, PairOptions};
@@ -28,6 +30,8 @@ pub const THREADS_ENV: &str = "PREFOPS_NUM_THREADS";
 pub struct PrepOptions {
     pub read: ReadOptions,
     pub pairs: PairOptions,
+    /// Used when `kind` is Lists.
+    pub lists: ListOptions,
     /// None = pairs, except unpaired input (KTO) which stays unpaired.
     pub kind: Option<OutputKind>,
     /// Count and skip bad records instead of stopping at the first.
@@ -48,6 +52,7 @@ impl Default for PrepOptions {
         PrepOptions {
             read: ReadOptions::default(),
             pairs: PairOptions::default(),
+            lists: ListOptions::default(),
             kind: None,
             skip_invalid: false,
             group_by_prompt: false,
@@ -100,6 +105,8 @@ struct Ctx {
     pairs: PairOptions,
     kind: OutputKind,
     columns: PairColumns,
+    lists: ListOptions,
+    list_columns: ListColumns,
     encoding: Encoding,
     skip_invalid: bool,
     /// First pass of group-by-prompt: keep normalised groups instead of emitting rows.
@@ -132,6 +139,7 @@ fn first_loc(chunk: &Chunk) -> Loc {
 enum Rows<'a> {
     Values(Vec<Value<'a>>),
     Pairs(PairBatchBuilder<'a>),
+    Lists(ListBatchBuilder<'a>),
     Jsonl(Vec<u8>),
     Counted,
 }
@@ -140,7 +148,7 @@ impl<'a> Rows<'a> {
     fn push(&mut self, row: Value<'a>) {
         match self {
             Rows::Values(v) => v.push(row),
-            Rows::Pairs(_) => unreachable!("pair builders take pairs, not rows"),
+            Rows::Pairs(_) | Rows::Lists(_) => unreachable!("typed builders take pairs or lists, not rows"),
             Rows::Jsonl(buf) => {
                 serde_json::to_writer(&mut *buf, &row).expect("writing to a Vec cannot fail");
                 buf.push(b'\n');
@@ -167,7 +175,7 @@ fn emit<'a>(g: &Group<'a>, ctx: &Ctx, stats: &mut Stats, rows: &mut Rows<'a>) {
             }
             stats.rows_written += pairs.len() as u64;
             match rows {
-                Rows::Values(_) => unreachable!("Arrow pair output goes through PairBatchBuilder"),
+                Rows::Values(_) | Rows::Lists(_) => unreachable!("Arrow pair output goes through PairBatchBuilder"),
                 Rows::Pairs(b) => b.append(g, &pairs),
                 Rows::Jsonl(buf) => write_pairs_jsonl(buf, g, &pairs, ctx.columns),
                 Rows::Counted => {}
@@ -183,6 +191,16 @@ fn emit<'a>(g: &Group<'a>, ctx: &Ctx, stats: &mut Stats, rows: &mut Rows<'a>) {
             stats.rows_written += 1;
             rows.push(grouped_row(g));
         }
+        OutputKind::Lists => {
+            let Some(list) = make_list(g, &ctx.lists, stats) else { return };
+            stats.rows_written += 1;
+            match rows {
+                Rows::Lists(b) => b.append(g, &list),
+                Rows::Jsonl(buf) => write_list_jsonl(buf, g, &list, ctx.list_columns),
+                Rows::Counted => {}
+                Rows::Values(_) | Rows::Pairs(_) => unreachable!("Arrow list output goes through ListBatchBuilder"),
+            }
+        }
     }
 }
 
@@ -192,6 +210,7 @@ fn process(chunk: Chunk, ctx: &Ctx) -> Result<ChunkOut> {
     let mut stats = Stats::default();
     let mut rows = match ctx.encoding {
         Encoding::Arrow if ctx.kind == OutputKind::Pairs => Rows::Pairs(PairBatchBuilder::new(ctx.columns)),
+        Encoding::Arrow if ctx.kind == OutputKind::Lists => Rows::Lists(ListBatchBuilder::new(ctx.list_columns)),
         Encoding::Arrow => Rows::Values(Vec::new()),
         Encoding::Jsonl => Rows::Jsonl(Vec::with_capacity(1 << 20)),
         Encoding::None => Rows::Counted,
@@ -207,6 +226,10 @@ fn process(chunk: Chunk, ctx: &Ctx) -> Result<ChunkOut> {
         let group = parsed.and_then(|mut v| {
             ctx.read.apply_column_map(&mut v);
             normalise(v, ctx.format, &ctx.read)
+        });
+        let group = group.and_then(|g| match ctx.kind {
+            OutputKind::Lists => check_labels(&g, &ctx.lists, ctx.format, &ctx.read).map(|()| g),
+            _ => Ok(g),
         });
         match group {
             Err(e) => {
@@ -235,6 +258,7 @@ fn process(chunk: Chunk, ctx: &Ctx) -> Result<ChunkOut> {
             Rows::Counted => Payload::Nothing,
             Rows::Values(v) => Payload::Batch(rows_to_batch(&v, TYPE_HINTS)),
             Rows::Pairs(b) => Payload::Batch(b.finish()),
+            Rows::Lists(b) => Payload::Batch(b.finish()),
             Rows::Jsonl(buf) => Payload::Bytes(buf),
         }
     };
@@ -408,14 +432,26 @@ pub fn prep(input: Input, output: &Output, opts: &PrepOptions, interrupted: Inte
         Input::Batches { name, batches, total_rows } => {
             let pos = position.clone();
             let mut first_row = 0u64;
-            let chunks = batches.map(move |b| {
-                let batch = b?;
-                let chunk = Chunk::Batch { first_row, batch };
-                if let Chunk::Batch { batch, .. } = &chunk {
-                    first_row += batch.num_rows() as u64;
-                    pos.store(first_row, Ordering::Relaxed);
-                }
-                Ok(chunk)
+            // A big batch (a whole pyarrow Table is often one) is cut into batch_rows slices
+            // (zero-copy) so that the workers share it.
+            let slice_rows = opts.batch_rows.max(1);
+            let chunks = batches.flat_map(move |b| -> Vec<Result<Chunk>> {
+                let batch = match b {
+                    Ok(batch) => batch,
+                    Err(e) => return vec![Err(e)],
+                };
+                let n = batch.num_rows();
+                let starts: Vec<usize> = if n == 0 { vec![0] } else { (0..n).step_by(slice_rows).collect() };
+                starts
+                    .into_iter()
+                    .map(|start| {
+                        let part = batch.slice(start, slice_rows.min(n - start));
+                        let chunk = Chunk::Batch { first_row, batch: part };
+                        first_row += slice_rows.min(n - start) as u64;
+                        pos.store(first_row, Ordering::Relaxed);
+                        Ok(chunk)
+                    })
+                    .collect()
             });
             (name, Box::new(chunks) as ChunkIter, total_rows, false)
         }
@@ -436,6 +472,9 @@ pub fn prep(input: Input, output: &Output, opts: &PrepOptions, interrupted: Inte
     let chunks: ChunkIter = Box::new(first.map(Ok).into_iter().chain(chunks));
 
     let kind = opts.kind.unwrap_or(if format.is_unpaired() { OutputKind::Unpaired } else { OutputKind::Pairs });
+    if kind == OutputKind::Lists {
+        opts.lists.validate(Some(format)).map_err(|m| PrepError::Config(format!("{source}: {m}")))?;
+    }
     let group_first = opts.group_by_prompt || (format.is_unpaired() && kind != OutputKind::Unpaired);
     let ctx = Ctx {
         source: source.clone(),
@@ -444,6 +483,8 @@ pub fn prep(input: Input, output: &Output, opts: &PrepOptions, interrupted: Inte
         pairs: opts.pairs.clone(),
         kind,
         columns: PairColumns::for_run(format, opts.pairs.ties),
+        lists: opts.lists.clone(),
+        list_columns: ListColumns::for_run(format),
         encoding,
         skip_invalid: opts.skip_invalid,
         collect_groups: group_first,
@@ -521,6 +562,9 @@ pub fn prep(input: Input, output: &Output, opts: &PrepOptions, interrupted: Inte
         })?;
     }
     progress.finish();
+    if kind == OutputKind::Lists {
+        stats.lists.get_or_insert_with(Default::default); // reported even when no list was made
+    }
     let (batches, schema) = sink.finish(|| Arc::new(Schema::empty()))?;
     Ok(PrepReport { stats, format, kind, threads, seconds: start.elapsed().as_secs_f64(), batches, schema })
 }

@@ -87,6 +87,40 @@ pub struct Stats {
     /// Responses, candidate pairs and prompts dropped, by reason.
     pub dropped: BTreeMap<String, u64>,
     pub margin_histogram: MarginHistogram,
+    /// Listwise output only (absent from pair runs' reports).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lists: Option<ListStats>,
+}
+
+/// Counters of a listwise run. With `Stats`, prompts = lists_made + dropped["below_min_size"],
+/// and responses = responses_listed + responses_below_min_size + dropped["duplicate_response"]
+/// plus dropped["over_list_size"]. `Stats::ties_kept` counts tied pairs (equal labels) inside
+/// the written lists.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ListStats {
+    pub lists_made: u64,
+    pub responses_listed: u64,
+    /// Responses (after dedupe) of the prompts dropped as "below_min_size".
+    pub responses_below_min_size: u64,
+    /// Lists cut down to list_size.
+    pub lists_truncated: u64,
+    /// Lists holding at least two responses with equal labels.
+    pub lists_with_ties: u64,
+    /// Written lists by size.
+    pub sizes: BTreeMap<usize, u64>,
+}
+
+impl ListStats {
+    pub fn merge(&mut self, other: &ListStats) {
+        self.lists_made += other.lists_made;
+        self.responses_listed += other.responses_listed;
+        self.responses_below_min_size += other.responses_below_min_size;
+        self.lists_truncated += other.lists_truncated;
+        self.lists_with_ties += other.lists_with_ties;
+        for (k, v) in &other.sizes {
+            *self.sizes.entry(*k).or_default() += v;
+        }
+    }
 }
 
 impl Stats {
@@ -126,6 +160,9 @@ impl Stats {
             *self.dropped.entry(k.clone()).or_default() += v;
         }
         self.margin_histogram.merge(&other.margin_histogram);
+        if let Some(l) = &other.lists {
+            self.lists.get_or_insert_with(Default::default).merge(l);
+        }
     }
 }
 

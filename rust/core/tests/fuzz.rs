@@ -130,7 +130,7 @@ fn case() -> impl Strategy<Value = Case> {
         any::<bool>(),
         prop::bool::weighted(0.2),
         prop::option::weighted(0.5, 0..ALL_FORMATS.len()),
-        0..3usize,
+        0..4usize,
         any::<bool>(),
         any::<bool>(),
         1..4usize,
@@ -173,7 +173,7 @@ proptest! {
         let out = out_dir.join(if c.parquet_out { "o.parquet" } else { "o.jsonl" });
         let opts = PrepOptions {
             read: ReadOptions { format: c.format.map(|i| ALL_FORMATS[i]), ..Default::default() },
-            kind: Some([OutputKind::Pairs, OutputKind::Unpaired, OutputKind::Grouped][c.kind]),
+            kind: Some([OutputKind::Pairs, OutputKind::Unpaired, OutputKind::Grouped, OutputKind::Lists][c.kind]),
             skip_invalid: c.skip_invalid,
             threads: c.threads,
             chunk_bytes: 256,

@@ -1,0 +1,261 @@
+//! Listwise output rows: one per prompt, every per-response column a list of the same length.
+//!
+//! Columns: prompt_id, prompt, responses, labels, gains, scores, ranks (ranked formats), models
+//! (formats that name them), list_size, then the record's other top-level fields. Lists
+//! round-trip through JSONL and Parquet alike; `list_tensors` (Python) turns them into the
+//! flat values + offsets or padded [P, K] + mask the listwise losses take.
+
+use std::sync::Arc;
+
+use arrow_array::builder::{Float64Builder, Int64Builder, StringBuilder};
+use arrow_array::{Array, ArrayRef, ListArray, RecordBatch, RecordBatchOptions};
+use arrow_buffer::{OffsetBuffer, ScalarBuffer};
+use arrow_schema::{Field, Schema};
+
+use crate::formats::Format;
+use crate::lists::{gain, List};
+use crate::model::Group;
+use crate::output::{json_bytes, json_into, ContentColumn, ContentJson, PairColumns, TYPE_HINTS};
+use crate::pairs::TiePolicy;
+use crate::value::Value;
+
+/// Optional list columns, fixed per run (from the format) so that every chunk agrees.
+#[derive(Debug, Clone, Copy)]
+pub struct ListColumns {
+    pub ranks: bool,
+    pub models: bool,
+}
+
+impl ListColumns {
+    /// The same choice as for pairs: ranks for ranked formats, models where records name them.
+    pub fn for_run(format: Format) -> Self {
+        let p = PairColumns::for_run(format, TiePolicy::Drop);
+        ListColumns { ranks: p.ranks, models: p.models }
+    }
+}
+
+/// Columns a list row is made of; an input column of the same name is not carried through.
+const LIST_COLUMNS: &[&str] =
+    &["prompt_id", "prompt", "responses", "labels", "gains", "scores", "ranks", "models", "list_size"];
+
+fn is_list_column(name: &str) -> bool {
+    LIST_COLUMNS.contains(&name)
+}
+
+/// One JSONL line per list, written straight from the group.
+pub fn write_list_jsonl(buf: &mut Vec<u8>, g: &Group<'_>, list: &List, cols: ListColumns) {
+    let members = || list.members.iter().map(|&i| &g.responses[i]);
+    buf.extend_from_slice(b"{\"prompt_id\":");
+    json_into(buf, g.prompt_id.as_ref());
+    buf.extend_from_slice(b",\"prompt\":");
+    json_into(buf, &ContentJson(&g.prompt));
+    buf.extend_from_slice(b",\"responses\":[");
+    for (a, r) in members().enumerate() {
+        if a > 0 {
+            buf.push(b',');
+        }
+        json_into(buf, &ContentJson(&r.content));
+    }
+    buf.push(b']');
+    let mut array = |name: &str, items: &mut dyn Iterator<Item = Vec<u8>>| {
+        buf.extend_from_slice(b",\"");
+        buf.extend_from_slice(name.as_bytes());
+        buf.extend_from_slice(b"\":[");
+        for (a, item) in items.enumerate() {
+            if a > 0 {
+                buf.push(b',');
+            }
+            buf.extend_from_slice(&item);
+        }
+        buf.push(b']');
+    };
+    array("labels", &mut list.labels.iter().map(json_bytes));
+    array("gains", &mut list.labels.iter().map(|&l| json_bytes(&gain(l))));
+    array("scores", &mut members().map(|r| json_bytes(&r.score)));
+    if cols.ranks {
+        array("ranks", &mut members().map(|r| json_bytes(&r.rank)));
+    }
+    if cols.models {
+        array("models", &mut members().map(|r| json_bytes(&r.model.as_deref())));
+    }
+    buf.extend_from_slice(b",\"list_size\":");
+    json_into(buf, &list.members.len());
+    for (k, v) in g.extra.iter().filter(|(k, _)| !is_list_column(k)) {
+        buf.push(b',');
+        json_into(buf, k.as_ref());
+        buf.push(b':');
+        json_into(buf, v);
+    }
+    buf.extend_from_slice(b"}\n");
+}
+
+/// List rows appended straight into Arrow builders: each per-response column is one flat child
+/// array sharing one offsets buffer. Carried-through columns go through the generic row path.
+pub struct ListBatchBuilder<'a> {
+    cols: ListColumns,
+    offsets: Vec<i32>,
+    prompt_id: StringBuilder,
+    prompt: ContentColumn,
+    responses: ContentColumn,
+    labels: Float64Builder,
+    gains: Float64Builder,
+    scores: Float64Builder,
+    ranks: Float64Builder,
+    models: StringBuilder,
+    list_size: Int64Builder,
+    extra: Vec<Value<'a>>,
+    any_extra: bool,
+}
+
+impl<'a> ListBatchBuilder<'a> {
+    pub fn new(cols: ListColumns) -> Self {
+        ListBatchBuilder {
+            cols,
+            offsets: vec![0],
+            prompt_id: StringBuilder::new(),
+            prompt: ContentColumn::Empty(0),
+            responses: ContentColumn::Empty(0),
+            labels: Float64Builder::new(),
+            gains: Float64Builder::new(),
+            scores: Float64Builder::new(),
+            ranks: Float64Builder::new(),
+            models: StringBuilder::new(),
+            list_size: Int64Builder::new(),
+            extra: Vec::new(),
+            any_extra: false,
+        }
+    }
+
+    pub fn append(&mut self, g: &Group<'a>, list: &List) {
+        self.prompt_id.append_value(&g.prompt_id);
+        self.prompt.append(&g.prompt);
+        for (&i, &label) in list.members.iter().zip(&list.labels) {
+            let r = &g.responses[i];
+            self.responses.append(&r.content);
+            self.labels.append_value(label);
+            self.gains.append_value(gain(label));
+            self.scores.append_option(r.score);
+            self.ranks.append_option(r.rank);
+            self.models.append_option(r.model.as_deref());
+        }
+        let end = self.offsets.last().expect("starts with 0") + list.members.len() as i32;
+        self.offsets.push(end);
+        self.list_size.append_value(list.members.len() as i64);
+        self.any_extra |= !g.extra.is_empty();
+        self.extra.push(Value::Object(g.extra.clone()));
+    }
+
+    pub fn finish(mut self) -> RecordBatch {
+        let rows = self.offsets.len() - 1;
+        let offsets = OffsetBuffer::new(ScalarBuffer::from(std::mem::take(&mut self.offsets)));
+        let mut fields: Vec<Field> = Vec::new();
+        let mut columns: Vec<ArrayRef> = Vec::new();
+        let mut push = |name: &str, array: ArrayRef| {
+            fields.push(Field::new(name, array.data_type().clone(), true));
+            columns.push(array);
+        };
+        let list = |child: ArrayRef| -> ArrayRef {
+            let item = Arc::new(Field::new("item", child.data_type().clone(), true));
+            Arc::new(ListArray::new(item, offsets.clone(), child, None))
+        };
+        push("prompt_id", Arc::new(self.prompt_id.finish()));
+        push("prompt", self.prompt.finish());
+        push("responses", list(self.responses.finish()));
+        push("labels", list(Arc::new(self.labels.finish())));
+        push("gains", list(Arc::new(self.gains.finish())));
+        push("scores", list(Arc::new(self.scores.finish())));
+        if self.cols.ranks {
+            push("ranks", list(Arc::new(self.ranks.finish())));
+        }
+        if self.cols.models {
+            push("models", list(Arc::new(self.models.finish())));
+        }
+        push("list_size", Arc::new(self.list_size.finish()));
+        if self.any_extra {
+            let extra = crate::arrow_out::rows_to_batch(&self.extra, TYPE_HINTS);
+            for (f, c) in extra.schema().fields().iter().zip(extra.columns()) {
+                if !is_list_column(f.name()) {
+                    push(f.name(), c.clone());
+                }
+            }
+        }
+        RecordBatch::try_new_with_options(
+            Arc::new(Schema::new(fields)),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(rows)),
+        )
+        .expect("built columns match their schema")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arrow_in;
+    use crate::lists::{make_list, ListOptions};
+    use crate::model::{Content, Message, Response};
+    use crate::stats::Stats;
+    use std::borrow::Cow;
+
+    fn group(prompt: Content<'static>, texts: Vec<Content<'static>>, extra: crate::model::Fields<'static>) -> Group<'static> {
+        let n = texts.len();
+        Group {
+            prompt_id: Cow::Owned(format!("p{n}")),
+            prompt,
+            responses: texts
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let mut r = Response::new(c);
+                    r.rank = Some(((n - i) / 2) as f64);
+                    r.model = (i % 2 == 0).then_some(Cow::Borrowed("m"));
+                    r
+                })
+                .collect(),
+            extra,
+        }
+    }
+
+    fn msgs(text: &'static str) -> Content<'static> {
+        Content::Messages(vec![Message { role: "assistant".into(), content: text.into() }])
+    }
+
+    #[test]
+    fn arrow_and_jsonl_rows_agree() {
+        let extra: crate::model::Fields<'static> =
+            vec![("source".into(), Value::Str("s".into())), ("labels".into(), Value::Int(99))];
+        let groups = vec![
+            group(Content::Text("p1".into()), vec![Content::Text("a".into()), Content::Text("b".into())], extra.clone()),
+            group(msgs("p2"), vec![msgs("c"), msgs("d"), msgs("e")], vec![]),
+            // Text after messages in the same column: the column becomes JSON text.
+            group(Content::Text("p3".into()), vec![msgs("f"), Content::Text("g".into())], extra),
+        ];
+        for cols in [ListColumns { ranks: true, models: true }, ListColumns { ranks: false, models: false }] {
+            let mut typed = ListBatchBuilder::new(cols);
+            let mut jsonl = Vec::new();
+            for g in &groups {
+                let l = make_list(g, &ListOptions::default(), &mut Stats::default()).unwrap();
+                typed.append(g, &l);
+                write_list_jsonl(&mut jsonl, g, &l, cols);
+            }
+            let batch = typed.finish();
+            assert_eq!(batch.num_rows(), 3);
+            let prepared = arrow_in::prepare_batch(&batch).unwrap();
+            let from_arrow: Vec<Value> = arrow_in::rows(&prepared).collect();
+            let text = String::from_utf8(jsonl).unwrap();
+            let from_json: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+            // The third row's responses column is JSON text in Arrow (mixed content): compare the rest.
+            for (a, j) in from_arrow.iter().zip(&from_json) {
+                for key in ["prompt_id", "labels", "gains", "scores", "ranks", "models", "list_size", "source"] {
+                    // A row without the carried column holds null in Arrow and omits it in JSONL.
+                    let json = |v: Option<&Value>| v.map_or("null".to_string(), |v| v.to_json());
+                    assert_eq!(json(a.get(key)), json(j.get(key)), "{key}");
+                }
+            }
+            let m = |t: &str| format!(r#"[{{"role":"assistant","content":"{t}"}}]"#);
+            // Ranks 1, 1, 0 from c, d, e: e is best, c and d tie in input order.
+            assert_eq!(from_json[1].get("responses").unwrap().to_json(), format!("[{},{},{}]", m("e"), m("c"), m("d")));
+            assert_eq!(from_json[0].get("labels").unwrap().to_json(), "[1.0,0.0]");
+        }
+    }
+}
