@@ -66,6 +66,34 @@ def _write_json_atomic(path: Path, data: dict) -> None:
         raise
 
 
+def _reader_arguments(p: argparse.ArgumentParser, *, group_help: str, dry_run_help: str) -> None:
+    """What prep and lists share: input and output, how to read the input, run options."""
+    p.add_argument("input", type=Path)
+    p.add_argument("-o", "--output", type=Path, help=".jsonl, .jsonl.gz or .parquet (required unless --dry-run)")
+    p.add_argument("--format", choices=FORMATS, help="input schema (default: detected from the first record)")
+    p.add_argument("--map", dest="column_map", action="append", type=_column_mapping, default=[],
+                   metavar="CANONICAL=YOURS", help="rename an input column before detection (repeatable)")
+    p.add_argument("--score-field", help="UltraFeedback completion field holding the score (default overall_score)")
+    p.add_argument("--no-dedupe", dest="dedupe", action="store_false", help="keep identical responses")
+    p.add_argument("--group-by-prompt", action="store_true", help=group_help)
+    p.add_argument("--skip-invalid", action="store_true", help="count and skip bad records instead of stopping")
+    p.add_argument("--threads", type=_positive_int, help=f"worker threads (default ${THREADS_ENV} or all CPUs)")
+    p.add_argument("--dry-run", action="store_true", help=dry_run_help)
+    p.add_argument("--stats", type=Path, help="write the JSON stats report here")
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
+
+
+def _reader_options(args: argparse.Namespace) -> Optional[dict]:
+    """The keyword arguments of prep/lists that ``_reader_arguments`` parsed; None (after an
+    error message) when there is no output and no --dry-run."""
+    if args.output is None and not args.dry_run:
+        print(f"prefops {args.command}: error: -o/--output is required (or pass --dry-run)", file=sys.stderr)
+        return None
+    return dict(format=args.format, column_map=dict(args.column_map), score_field=args.score_field,
+                dedupe=args.dedupe, skip_invalid=args.skip_invalid, group_by_prompt=args.group_by_prompt,
+                threads=args.threads, progress=sys.stderr.isatty(), dry_run=args.dry_run)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefops", description="Preference-data preparation and losses.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,27 +105,16 @@ def _build_parser() -> argparse.ArgumentParser:
         f"formats {', '.join(FORMATS)}), make pairs and write TRL-ready JSONL or Parquet. "
         "The output appears only if the whole run succeeds.",
     )
-    p.add_argument("input", type=Path)
-    p.add_argument("-o", "--output", type=Path, help=".jsonl, .jsonl.gz or .parquet (required unless --dry-run)")
-    p.add_argument("--format", choices=FORMATS, help="input schema (default: detected from the first record)")
-    p.add_argument("--map", dest="column_map", action="append", type=_column_mapping, default=[],
-                   metavar="CANONICAL=YOURS", help="rename an input column before detection (repeatable)")
-    p.add_argument("--score-field", help="UltraFeedback completion field holding the score (default overall_score)")
+    _reader_arguments(p, group_help="merge rows sharing a prompt before pairing",
+                      dry_run_help="read and pair, write nothing")
     p.add_argument("--strategy", choices=STRATEGIES, default="best_vs_worst")
     p.add_argument("--min-margin", type=_non_negative, default=0.0,
                    help="drop pairs with a smaller preference margin (score units; rank steps for ranked data)")
     p.add_argument("--ties", choices=["drop", "keep"], default="drop")
-    p.add_argument("--no-dedupe", dest="dedupe", action="store_false", help="keep identical responses")
     p.add_argument("--max-pairs-per-prompt", type=_positive_int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kind", choices=["pairs", "unpaired", "grouped"],
                    help="output rows (default: pairs; unpaired for KTO input)")
-    p.add_argument("--group-by-prompt", action="store_true", help="merge rows sharing a prompt before pairing")
-    p.add_argument("--skip-invalid", action="store_true", help="count and skip bad records instead of stopping")
-    p.add_argument("--threads", type=_positive_int, help=f"worker threads (default ${THREADS_ENV} or all CPUs)")
-    p.add_argument("--dry-run", action="store_true", help="read and pair, write nothing")
-    p.add_argument("--stats", type=Path, help="write the JSON stats report here")
-    p.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
 
     _add_step_parsers(sub)
     _add_lists_parser(sub)
@@ -253,28 +270,11 @@ def _run_augment(args: argparse.Namespace) -> int:
 
 
 def _run_prep(args: argparse.Namespace) -> int:
-    if args.output is None and not args.dry_run:
-        print("prefops prep: error: -o/--output is required (or pass --dry-run)", file=sys.stderr)
+    reader = _reader_options(args)
+    if reader is None:
         return 2
-    result = prep(
-        args.input,
-        args.output,
-        format=args.format,
-        column_map=dict(args.column_map),
-        score_field=args.score_field,
-        strategy=args.strategy,
-        min_margin=args.min_margin,
-        ties=args.ties,
-        dedupe=args.dedupe,
-        max_pairs_per_prompt=args.max_pairs_per_prompt,
-        seed=args.seed,
-        kind=args.kind,
-        skip_invalid=args.skip_invalid,
-        group_by_prompt=args.group_by_prompt,
-        threads=args.threads,
-        progress=sys.stderr.isatty(),
-        dry_run=args.dry_run,
-    )
+    result = prep(args.input, args.output, strategy=args.strategy, min_margin=args.min_margin, ties=args.ties,
+                  max_pairs_per_prompt=args.max_pairs_per_prompt, seed=args.seed, kind=args.kind, **reader)
     return _report(args, result, {"output": None if args.dry_run else str(args.output), "format": result.format,
                                   "kind": result.kind, "strategy": args.strategy, "seed": args.seed})
 
@@ -287,8 +287,8 @@ def _add_lists_parser(sub) -> None:
         "responses best first with labels (larger = better, ties equal), gains 2^label - 1, scores/ranks and "
         "list_size. The output appears only if the whole run succeeds.",
     )
-    p.add_argument("input", type=Path)
-    p.add_argument("-o", "--output", type=Path, help=".jsonl, .jsonl.gz or .parquet (required unless --dry-run)")
+    _reader_arguments(p, group_help="merge rows sharing a prompt into one list",
+                      dry_run_help="read and build lists, write nothing")
     p.add_argument("--list-size", type=_positive_int, metavar="K",
                    help="at most K responses per list (default: keep all); must be >= 2")
     p.add_argument("--label", choices=LABELS, default="dense_rank",
@@ -298,44 +298,17 @@ def _add_lists_parser(sub) -> None:
     p.add_argument("--min-size", type=_positive_int, default=2,
                    help="prompts with fewer responses (after dedupe) make no list (default 2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--format", choices=FORMATS, help="input schema (default: detected from the first record)")
-    p.add_argument("--map", dest="column_map", action="append", type=_column_mapping, default=[],
-                   metavar="CANONICAL=YOURS", help="rename an input column before detection (repeatable)")
-    p.add_argument("--score-field", help="UltraFeedback completion field holding the score (default overall_score)")
-    p.add_argument("--no-dedupe", dest="dedupe", action="store_false", help="keep identical responses")
-    p.add_argument("--group-by-prompt", action="store_true", help="merge rows sharing a prompt into one list")
-    p.add_argument("--skip-invalid", action="store_true", help="count and skip bad records instead of stopping")
-    p.add_argument("--threads", type=_positive_int, help=f"worker threads (default ${THREADS_ENV} or all CPUs)")
-    p.add_argument("--dry-run", action="store_true", help="read and build lists, write nothing")
-    p.add_argument("--stats", type=Path, help="write the JSON stats report here")
-    p.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
 
 
 def _run_lists(args: argparse.Namespace) -> int:
-    if args.output is None and not args.dry_run:
-        print("prefops lists: error: -o/--output is required (or pass --dry-run)", file=sys.stderr)
+    reader = _reader_options(args)
+    if reader is None:
         return 2
     if args.list_size is not None and args.list_size < 2:
         print("prefops lists: error: --list-size must be at least 2", file=sys.stderr)
         return 2
-    result = lists(
-        args.input,
-        args.output,
-        list_size=args.list_size,
-        label=args.label,
-        truncate=args.truncate,
-        min_size=args.min_size,
-        seed=args.seed,
-        format=args.format,
-        column_map=dict(args.column_map),
-        score_field=args.score_field,
-        dedupe=args.dedupe,
-        skip_invalid=args.skip_invalid,
-        group_by_prompt=args.group_by_prompt,
-        threads=args.threads,
-        progress=sys.stderr.isatty(),
-        dry_run=args.dry_run,
-    )
+    result = lists(args.input, args.output, list_size=args.list_size, label=args.label, truncate=args.truncate,
+                   min_size=args.min_size, seed=args.seed, **reader)
     return _report(args, result, {"output": None if args.dry_run else str(args.output), "format": result.format,
                                   "kind": result.kind, "list_size": args.list_size, "label": args.label,
                                   "truncate": args.truncate, "min_size": args.min_size, "seed": args.seed})
