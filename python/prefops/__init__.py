@@ -7,6 +7,7 @@ else (no torch, no triton, no GPU probing).
 from prefops._native import DataError
 from prefops.data import FORMATS, STRATEGIES, THREADS_ENV, PrepResult, prep, sample_path
 from prefops.steps import StepResult, curriculum, flip_labels, reward_augment
+from prefops.fifa import fifa_filter, knn_entropy, knn_radius, knn_search
 
 try:
     from importlib.metadata import version as _version
@@ -27,6 +28,10 @@ __all__ = [
     "curriculum",
     "flip_labels",
     "reward_augment",
+    "fifa_filter",
+    "knn_search",
+    "knn_radius",
+    "knn_entropy",
     "__version__",
 ]
 

@@ -71,7 +71,7 @@ pub(super) fn shortlists(
                 let q = q as usize;
                 let b = q / BLOCK;
                 if held.as_ref().map(|h| h.0) != Some(b) {
-                    held = None; // one lock at a time
+                    drop(held.take()); // one lock at a time
                     held = Some((b, lists.blocks[b].lock().expect("no thread panics holding a shortlist")));
                 }
                 let rows = &mut held.as_mut().expect("just set").1;
