@@ -2,8 +2,8 @@
 //! cuts the rows into `nlist` clusters; every row is a query that searches the rows of its
 //! `nprobe` nearest clusters. Cost ≈ nprobe / nlist of the exact search, plus training.
 //!
-//! Training: a sample of min(N, 64·nlist) rows (seeded), initial centroids = nlist sample
-//! rows (seeded), at most 10 Lloyd iterations with centroid sums in f64 over members in index
+//! Training: a sample of min(N, 32·nlist) rows (seeded), initial centroids = nlist sample
+//! rows (seeded), at most 5 Lloyd iterations with centroid sums in f64 over members in index
 //! order; an empty cluster keeps its centroid. Cosine runs spherical k-means (unit rows and
 //! centroids). Every step is fixed by the seed and N, so the index — and the result — does
 //! not depend on the thread count.
@@ -13,8 +13,8 @@ use std::sync::Mutex;
 use super::{dot_tile, for_each_index, BlockLists, Cand, Matrix, Metric, Norms, SearchInfo, Shortlists, BLOCK};
 use crate::rng::SplitMix64;
 
-const SAMPLE_PER_LIST: usize = 64;
-const ITERATIONS: usize = 10;
+const SAMPLE_PER_LIST: usize = 32;
+const ITERATIONS: usize = 5;
 
 pub(super) fn shortlists(
     m: &Matrix,

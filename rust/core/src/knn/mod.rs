@@ -452,13 +452,79 @@ pub(crate) fn for_each_index(n: usize, threads: usize, work: impl Fn(usize) + Sy
     });
 }
 
+/// Tiles (I, J ≥ I) of `nb` blocks, in rounds whose tiles touch disjoint blocks (the
+/// diagonal, then a round-robin tournament), so that threads working through the list in
+/// order rarely wait for the same block's lock.
+fn tile_schedule(nb: usize) -> Vec<(usize, usize)> {
+    let mut tiles: Vec<(usize, usize)> = (0..nb).map(|i| (i, i)).collect();
+    let m = nb + nb % 2; // with an idle "bye" block when nb is odd
+    for round in 0..m.saturating_sub(1) {
+        for p in 0..m / 2 {
+            let a = if p == 0 { m - 1 } else { (round + p) % (m - 1) };
+            let b = (round + m - 1 - p) % (m - 1);
+            if a < nb && b < nb {
+                tiles.push((a.min(b), a.max(b)));
+            }
+        }
+    }
+    tiles
+}
+
+/// Chunk width of the scans: a whole chunk is tested at once (vectorised), and only a chunk
+/// holding a key under the threshold is looked at entry by entry.
+const SCAN_CHUNK: usize = 16;
+
+/// Offer row `r` the candidates `j0 + t` of one tile row (skipping `skip`, the query itself).
+#[inline(always)]
+fn scan_row(dots: &[f32], j0: usize, skip: usize, list: &mut Shortlists, r: usize, key: impl Fn(f32, usize) -> f32) {
+    let mut thr = list.threshold(r);
+    for (c, chunk) in dots.chunks(SCAN_CHUNK).enumerate() {
+        let base = j0 + c * SCAN_CHUNK;
+        let mut hit = false;
+        for (t, &dot) in chunk.iter().enumerate() {
+            hit |= key(dot, base + t) <= thr;
+        }
+        if hit {
+            for (t, &dot) in chunk.iter().enumerate() {
+                let (j, k) = (base + t, key(dot, base + t));
+                if k <= thr && j != skip {
+                    list.offer(r, Cand { key: k, idx: j as u32 });
+                    thr = list.threshold(r);
+                }
+            }
+        }
+    }
+}
+
+/// Offer the rows of block J (the tile's columns) candidate `i` with key `key(dot)`.
+#[inline(always)]
+fn scan_column(dots: &[f32], i: usize, thr: &mut [f32], list: &mut Shortlists, key: impl Fn(f32) -> f32) {
+    for (c, chunk) in dots.chunks(SCAN_CHUNK).enumerate() {
+        let tc = &thr[c * SCAN_CHUNK..c * SCAN_CHUNK + chunk.len()];
+        let mut hit = false;
+        for (&dot, &t) in chunk.iter().zip(tc) {
+            hit |= key(dot) <= t;
+        }
+        if hit {
+            for (t, &dot) in chunk.iter().enumerate() {
+                let b = c * SCAN_CHUNK + t;
+                let k = key(dot);
+                if k <= thr[b] {
+                    list.offer(b, Cand { key: k, idx: i as u32 });
+                    thr[b] = list.threshold(b);
+                }
+            }
+        }
+    }
+}
+
 /// Exact shortlists: every tile (I, J ≥ I) once, feeding block I's rows and block J's rows.
 fn exact_shortlists(m: &Matrix, norms: &Norms, cap: usize, threads: usize) -> BlockLists {
     let n = m.rows;
     let lists = BlockLists::new(n, cap);
-    let nb = n.div_ceil(BLOCK);
-    let tiles: Vec<(usize, usize)> = (0..nb).flat_map(|i| (i..nb).map(move |j| (i, j))).collect();
+    let tiles = tile_schedule(n.div_ceil(BLOCK));
     let data: &[f32] = &m.data;
+    let (sq, inv) = (&norms.sq[..], &norms.inv[..]);
     thread_local! {
         static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
@@ -473,15 +539,10 @@ fn exact_shortlists(m: &Matrix, norms: &Norms, cap: usize, threads: usize) -> Bl
             {
                 let mut rows = lists.blocks[bi].lock().expect("no thread panics holding a shortlist");
                 for a in 0..ni {
-                    let q = i0 + a;
                     let dots = &tile[a * nj..(a + 1) * nj];
-                    let mut thr = rows.threshold(a);
-                    for (b, &dot) in dots.iter().enumerate() {
-                        let key = norms.key(dot, j0 + b);
-                        if key <= thr && j0 + b != q {
-                            rows.offer(a, Cand { key, idx: (j0 + b) as u32 });
-                            thr = rows.threshold(a);
-                        }
+                    match norms.metric {
+                        Metric::L2 => scan_row(dots, j0, i0 + a, &mut rows, a, |d, j| sq[j] - 2.0 * d),
+                        Metric::Cosine => scan_row(dots, j0, i0 + a, &mut rows, a, |d, j| -d * inv[j]),
                     }
                 }
             }
@@ -491,12 +552,9 @@ fn exact_shortlists(m: &Matrix, norms: &Norms, cap: usize, threads: usize) -> Bl
                 for a in 0..ni {
                     let i = i0 + a;
                     let dots = &tile[a * nj..(a + 1) * nj];
-                    for (b, &dot) in dots.iter().enumerate() {
-                        let key = norms.key(dot, i);
-                        if key <= thr[b] {
-                            cols.offer(b, Cand { key, idx: i as u32 });
-                            thr[b] = cols.threshold(b);
-                        }
+                    match norms.metric {
+                        Metric::L2 => scan_column(dots, i, &mut thr, &mut cols, |d| sq[i] - 2.0 * d),
+                        Metric::Cosine => scan_column(dots, i, &mut thr, &mut cols, |d| -d * inv[i]),
                     }
                 }
             }
@@ -592,6 +650,24 @@ mod tests {
                 d
             })
             .collect()
+    }
+
+    #[test]
+    fn tile_schedule_covers_every_pair_once_in_disjoint_rounds() {
+        for nb in 0..12 {
+            let tiles = tile_schedule(nb);
+            let mut all: Vec<(usize, usize)> = tiles.clone();
+            all.sort();
+            let want: Vec<(usize, usize)> = (0..nb).flat_map(|i| (i..nb).map(move |j| (i, j))).collect();
+            assert_eq!(all, want, "nb = {nb}");
+            // After the diagonal, each run of nb/2 tiles (one round) touches distinct blocks.
+            for round in tiles[nb..].chunks((nb / 2).max(1)) {
+                let mut blocks: Vec<usize> = round.iter().flat_map(|&(a, b)| [a, b]).collect();
+                blocks.sort();
+                blocks.dedup();
+                assert_eq!(blocks.len(), 2 * round.len(), "nb = {nb}: {round:?}");
+            }
+        }
     }
 
     #[test]
