@@ -407,6 +407,7 @@ impl BlockLists {
 }
 
 /// C[a × b] = rows `a0..a0+a` of `x` times rows `b0..b0+b` transposed (f32, one thread).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn dot_tile(x: &[f32], dim: usize, a0: usize, a: usize, y: &[f32], b0: usize, b: usize, out: &mut [f32]) {
     debug_assert!(out.len() >= a * b);
     // SAFETY: the pointers and strides describe slices of the given lengths: x holds rows
