@@ -4,7 +4,6 @@ ImageReward sample (ties) and on generated UltraFeedback / Nectar / grouped inpu
 threads and chunking; errors; the output feeding listwise_loss and rank_dpo_loss; the CLI."""
 
 import json
-import math
 import random
 import subprocess
 import sys

@@ -8,6 +8,7 @@ from prefops._native import DataError
 from prefops.data import FORMATS, STRATEGIES, THREADS_ENV, PrepResult, prep, sample_path
 from prefops.steps import StepResult, convert, curriculum, flip_labels, reward_augment
 from prefops.lists import ListResult, ListTensors, list_tensors, lists
+from prefops.fifa import fifa_filter, knn_entropy, knn_radius, knn_search
 
 try:
     from importlib.metadata import version as _version
@@ -33,6 +34,10 @@ __all__ = [
     "ListTensors",
     "list_tensors",
     "lists",
+    "fifa_filter",
+    "knn_search",
+    "knn_radius",
+    "knn_entropy",
     "__version__",
 ]
 

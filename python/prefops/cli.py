@@ -5,6 +5,7 @@
     prefops flip PAIRS -o OUTPUT             swap chosen/rejected: F-DPO labels, reward model, random rate
     prefops augment PAIRS -o OUTPUT          reward-augmented relabeling (each pair twice, score in the prompt)
     prefops lists INPUT -o OUTPUT [options]  rated data -> one ranked list per prompt (LiPO / RankDPO)
+    prefops fifa PAIRS -o OUTPUT             FiFA filtering: top pairs by margin + quality + kNN prompt sparsity
     prefops demo [--out DIR] [--prep-only]   prep the bundled samples, then train a tiny LM (DPO) and a
                                              tiny UNet (Diffusion-DPO) on CPU and plot the curves
 """
@@ -24,6 +25,7 @@ from prefops import _native
 from prefops.data import FORMATS, STRATEGIES, THREADS_ENV, prep, sample_path
 from prefops.steps import TEMPLATES, StepResult, convert, curriculum, flip_labels, reward_augment
 from prefops.lists import LABELS, TRUNCATE, lists
+from prefops.fifa import KNN_MODES, METRICS, fifa_filter
 
 EXIT_DATA_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -210,7 +212,6 @@ def _add_step_parsers(sub) -> None:
                    default=["score_chosen", "score_rejected"],
                    help="where the two scores come from (default score_chosen score_rejected)")
 
-
     v = sub.add_parser(
         "convert",
         help="rewrite a table as .jsonl, .jsonl.gz or .parquet, every column kept",
@@ -218,6 +219,59 @@ def _add_step_parsers(sub) -> None:
         "prefops writes round-trip byte for byte (JSONL -> Parquet -> JSONL).",
     )
     _step_common(v)
+
+    _add_fifa_parser(sub)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _add_fifa_parser(sub) -> None:
+    f = sub.add_parser(
+        "fifa",
+        help="FiFA filtering: keep the top pairs by margin + gamma*quality + alpha*log(kNN distance of the prompt)",
+        description="FiFA data filtering. importance = margin + gamma*quality + alpha*ln max(rho_k, floor), rho_k = "
+        "distance from the pair's prompt embedding to its k-th nearest other prompt embedding. Keeps the "
+        "--keep-count / --keep-fraction most important pairs (ties by pair_id), in input order, with "
+        "'importance' and 'knn_distance' columns added.",
+    )
+    _step_common(f)
+    f.add_argument("--embeddings", type=Path, metavar="FILE",
+                   help="prompt embeddings: Parquet/JSONL with prompt_id and the embedding column, one row per "
+                        "prompt (default: the embedding column of the pairs table itself)")
+    f.add_argument("--embedding-column", default="embedding", metavar="COL",
+                   help="list/fixed-size-list column holding the embedding (default: embedding)")
+    f.add_argument("--alpha", type=_finite, default=1.0, help="weight of ln(rho_k) (default 1)")
+    f.add_argument("--gamma", type=_finite, default=1.0, help="weight of the quality column (default 1)")
+    f.add_argument("--k", type=_positive_int, default=5, help="rho_k is the distance to the k-th neighbour (default 5)")
+    f.add_argument("--metric", choices=METRICS, default="cosine")
+    f.add_argument("--knn", choices=KNN_MODES, default="exact",
+                   help="exact: every pair of prompts; ivf: seeded k-means index for millions of prompts")
+    f.add_argument("--nlist", type=_positive_int, help="IVF clusters (default round(4*sqrt(prompts)))")
+    f.add_argument("--nprobe", type=_positive_int, help="IVF clusters searched per prompt (default min(nlist, 16))")
+    f.add_argument("--seed", type=int, default=0, help="seeds the IVF k-means")
+    budget = f.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--keep-count", type=int, metavar="N", help="keep this many pairs")
+    budget.add_argument("--keep-fraction", type=_rate, metavar="F", help="keep round(F * rows) pairs")
+    f.add_argument("--margin-column", default="margin", metavar="COL", help="margin term (default: margin)")
+    f.add_argument("--quality-column", metavar="COL", help="quality term (default: none, i.e. 0)")
+    f.add_argument("--distance-floor", type=float, default=1e-6,
+                   help="rho_k below this counts as this in the log (duplicate prompts; default 1e-6)")
+
+
+def _run_fifa(args: argparse.Namespace) -> int:
+    result = fifa_filter(
+        args.input, args.embeddings, output=args.output, alpha=args.alpha, gamma=args.gamma, k=args.k,
+        metric=args.metric, knn=args.knn, nlist=args.nlist, nprobe=args.nprobe, seed=args.seed,
+        keep_count=args.keep_count, keep_fraction=args.keep_fraction, margin_column=args.margin_column,
+        quality_column=args.quality_column, embedding_column=args.embedding_column,
+        distance_floor=args.distance_floor, threads=args.threads,
+    )
+    return _finish_step(args, result)
 
 
 def _report(args: argparse.Namespace, result, run_info: dict) -> int:
@@ -384,6 +438,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _finish_step(args, convert(args.input, args.output, threads=args.threads))
         if args.command == "lists":
             return _run_lists(args)
+        if args.command == "fifa":
+            return _run_fifa(args)
         return _run_demo(args)
     except KeyboardInterrupt:
         print("prefops: interrupted; no output was written", file=sys.stderr)

@@ -87,6 +87,19 @@ class StepResult:
             lines.append(f"  scores from      {s['score_columns'][0]}, {s['score_columns'][1]}")
         elif self.step == "convert":
             lines.append(f"  rows             {s['rows']:>10,}   columns {len(s['columns'])}")
+        elif self.step == "fifa":
+            lines.append(f"  rows             {s['rows']:>10,}   kept {s['kept']:,}, dropped {s['dropped']:,}"
+                         + (f", threshold importance {s['threshold_importance']:.4g}"
+                            if s["threshold_importance"] is not None else ""))
+            lines.append(f"  kNN              {s['knn']} {s['metric']}, k = {s['k']}, {s['prompts']:,} prompts "
+                         f"(dim {s['embedding_dim']}), {s['prompts_in_pairs']:,} in the pairs, "
+                         f"{s['duplicate_embeddings']:,} duplicate embeddings, "
+                         f"{s['floored_prompts']:,} below the floor {s['distance_floor']:g}")
+            for name in ("margin", "quality", "log_distance", "importance"):
+                t = s[name]
+                if t is not None:
+                    lines.append(f"  {name:<16} min {t['min']:.4g}  mean {t['mean']:.4g}  max {t['max']:.4g}")
+            lines.append(f"  weights          alpha {s['alpha']:g}, gamma {s['gamma']:g}")
         if self.step in ("flip", "augment") and s.get("swapped_columns"):
             pairs = ", ".join(f"{a}/{b}" for a, b in s["swapped_columns"])
             negated = ", ".join(s["negated_columns"]) or "none"

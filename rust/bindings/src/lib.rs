@@ -13,8 +13,11 @@ use pyo3::exceptions::{PyKeyboardInterrupt, PyOSError, PyRuntimeError, PyValueEr
 use pyo3::prelude::*;
 use pyo3_arrow::input::AnyRecordBatch;
 use pyo3_arrow::PyTable;
+use pyo3_arrow::PyArray;
 
 use prefops_core::steps::{self, augment, curriculum as cur, flip, Table};
+use prefops_core::knn as knn_core;
+use prefops_core::steps::fifa as fifa_core;
 use prefops_core::{
     pipeline, Format, Input, Output, OutputKind, PairOptions, PrepError, PrepOptions, ReadOptions, Strategy,
     TiePolicy,
@@ -432,6 +435,118 @@ fn format_score(x: f64) -> String {
     augment::format_score(x)
 }
 
+fn knn_search_mode(mode: &str, nlist: usize, nprobe: usize, seed: u64) -> PyResult<knn_core::Search> {
+    match mode {
+        "exact" => Ok(knn_core::Search::Exact),
+        "ivf" => Ok(knn_core::Search::Ivf(knn_core::IvfOptions { nlist, nprobe, seed })),
+        other => Err(PyValueError::new_err(format!("unknown kNN search '{other}'; expected exact or ivf"))),
+    }
+}
+
+/// FiFA filtering. `embeddings`: a path or Arrow table with prompt_id + embedding column, or
+/// None to read the embedding column of the pairs. Returns (table or None, report JSON).
+#[pyfunction]
+#[pyo3(signature = (source, embeddings=None, output=None, *, alpha=1.0, gamma=1.0, k=5, metric="cosine",
+                    knn="exact", nlist=0, nprobe=0, seed=0, keep_count=None, keep_fraction=None,
+                    margin_column="margin".to_string(), quality_column=None, embedding_column="embedding".to_string(),
+                    distance_floor=1e-6, threads=0))]
+#[allow(clippy::too_many_arguments)]
+fn fifa<'py>(
+    py: Python<'py>,
+    source: &Bound<'py, PyAny>,
+    embeddings: Option<&Bound<'py, PyAny>>,
+    output: Option<PathBuf>,
+    alpha: f64,
+    gamma: f64,
+    k: usize,
+    metric: &str,
+    knn: &str,
+    nlist: usize,
+    nprobe: usize,
+    seed: u64,
+    keep_count: Option<u64>,
+    keep_fraction: Option<f64>,
+    margin_column: String,
+    quality_column: Option<String>,
+    embedding_column: String,
+    distance_floor: f64,
+    threads: usize,
+) -> PyResult<(Option<Bound<'py, PyAny>>, String)> {
+    let keep = match (keep_count, keep_fraction) {
+        (Some(c), None) => fifa_core::Keep::Count(c),
+        (None, Some(f)) => fifa_core::Keep::Fraction(f),
+        _ => return Err(PyValueError::new_err("give exactly one of keep_count and keep_fraction")),
+    };
+    let opts = fifa_core::FifaOptions {
+        alpha,
+        gamma,
+        k,
+        metric: parse::<knn_core::Metric>(metric)?,
+        search: knn_search_mode(knn, nlist, nprobe, seed)?,
+        keep,
+        margin_column,
+        quality_column,
+        embedding_column,
+        distance_floor,
+        threads,
+    };
+    let embeddings = embeddings.map(step_input).transpose()?;
+    let (table, files, threads, seconds, stats) = run_step(py, source, threads, move |t, threads| {
+        let emb = embeddings.map(|e| load(e, threads)).transpose()?;
+        let (out, stats) = fifa_core::fifa(&t, emb.as_ref(), &fifa_core::FifaOptions { threads, ..opts })?;
+        let files = output.map(|p| vec![(p, out.clone())]).unwrap_or_default();
+        Ok((out, files, to_json(&stats)))
+    })?;
+    step_result(py, "fifa", table, &files, threads, seconds, stats)
+}
+
+/// k nearest neighbours of every row of a matrix (an Arrow fixed-size list of float32, one
+/// list per row) among the other rows. Returns (distances, indices) as flat Arrow arrays of
+/// rows * k values (float64, uint32), nearest first, and the search info as JSON.
+#[pyfunction]
+#[pyo3(signature = (matrix, k, *, metric="cosine", knn="exact", nlist=0, nprobe=0, seed=0, threads=0))]
+#[allow(clippy::too_many_arguments)]
+fn knn_search(
+    py: Python<'_>,
+    matrix: PyArray,
+    k: usize,
+    metric: &str,
+    knn: &str,
+    nlist: usize,
+    nprobe: usize,
+    seed: u64,
+    threads: usize,
+) -> PyResult<(Py<PyAny>, Py<PyAny>, String)> {
+    let opts = knn_core::KnnOptions {
+        k,
+        metric: parse::<knn_core::Metric>(metric)?,
+        search: knn_search_mode(knn, nlist, nprobe, seed)?,
+        threads,
+    };
+    let (array, _) = matrix.into_inner();
+    let nn = run_detached(py, move || {
+        let m = knn_core::Matrix::from_arrow(array.as_ref())?;
+        knn_core::knn(&m, &opts)
+    })?;
+    let info = serde_json::to_string(&nn.info).expect("search info serialises");
+    let distances = PyArray::from_array_ref(Arc::new(arrow_array::Float64Array::from(nn.distances)));
+    let indices = PyArray::from_array_ref(Arc::new(arrow_array::UInt32Array::from(nn.indices)));
+    let distances = distances.to_pyarrow(py)?.unbind();
+    let indices = indices.to_pyarrow(py)?.unbind();
+    Ok((distances, indices, info))
+}
+
+/// Kozachenko–Leonenko kNN entropy estimate (nats) of the rows of a matrix (as for knn_search).
+#[pyfunction]
+#[pyo3(signature = (matrix, k=3, *, threads=0))]
+fn knn_entropy(py: Python<'_>, matrix: PyArray, k: usize, threads: usize) -> PyResult<f64> {
+    let (array, _) = matrix.into_inner();
+    run_detached(py, move || {
+        let m = knn_core::Matrix::from_arrow(array.as_ref())?;
+        knn_core::entropy::kl_entropy(&m, k, threads)
+    })
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(prep, m)?)?;
@@ -442,6 +557,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(format_score, m)?)?;
     m.add_function(wrap_pyfunction!(convert, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
+    m.add_function(wrap_pyfunction!(fifa, m)?)?;
+    m.add_function(wrap_pyfunction!(knn_search, m)?)?;
+    m.add_function(wrap_pyfunction!(knn_entropy, m)?)?;
     m.add("AUGMENT_DEFAULT_TEMPLATE", augment::DEFAULT_TEMPLATE)?;
     m.add("AUGMENT_ULTRAFEEDBACK_TEMPLATE", augment::ULTRAFEEDBACK_TEMPLATE)?;
     m.add("DataError", m.py().get_type::<DataError>())?;
