@@ -19,13 +19,14 @@ memory from torch.cuda on a GPU or from a fresh subprocess per contender on CPU.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import write_csv
 
 import torch
 
@@ -190,11 +191,7 @@ def main():
             rows.append(row)
             print(f"  {c:18s} {row['median_ms']:9.1f} ms  {row['peak_extra_mib']:9.1f} MiB extra", flush=True)
     out = Path(args.out) if args.out else RESULTS / f"dpo_step_{args.device}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out, CSV_COLUMNS, rows)
     print(f"wrote {out}")
 
 

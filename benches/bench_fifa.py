@@ -27,15 +27,15 @@ Appends to benches/results/fifa_cpu.csv (--out), one row per case and contender.
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from _common import cpu_model, write_csv
 
 import numpy as np
 
@@ -43,16 +43,6 @@ HERE = Path(__file__).resolve().parent
 CSV_COLUMNS = ["case", "contender", "n", "dim", "k", "metric", "median_s", "repeats", "speedup_vs_numpy",
                "speedup_vs_numpy_gemm", "verified", "threads", "cpu_model", "notes"]
 BLOCK = 2048
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def numpy_radius(x: np.ndarray, k: int, metric: str) -> np.ndarray:
@@ -216,13 +206,7 @@ def main(argv=None):
         row("fifa_step", "numpy_polars", args.pairs, args.step_dim, t_ref, args.repeats, "reference",
             notes=f"{args.prompts} prompts")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    new = not args.out.exists()
-    with open(args.out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    write_csv(args.out, CSV_COLUMNS, rows, append=True)
     print(f"\nappended {len(rows)} rows to {args.out}")
 
 

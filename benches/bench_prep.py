@@ -13,10 +13,8 @@ benches/README.md for how to read the output.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import platform
 import re
 import resource
 import socket
@@ -25,6 +23,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import cpu_model, write_csv
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"  # git-ignored
@@ -429,16 +429,6 @@ def pair_digest(path: Path) -> tuple:
     return tuple(int(x) for x in row)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def prefops_build() -> str:
     """Identify the installed prefops extension (version, file size, mtime). Checked at the
     start and the end: a rebuild in the middle of a run would mix two builds' numbers."""
@@ -656,11 +646,7 @@ def main(argv=None):
     print()
     print_table(b.rows)
 
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        w.writeheader()
-        w.writerows(b.rows)
+    write_csv(out_csv, CSV_COLUMNS, b.rows)
     print(f"\nwrote {out_csv}")
     return 0
 

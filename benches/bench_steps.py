@@ -18,14 +18,14 @@ Writes benches/results/steps_cpu.csv (rows/s medians and ratios).
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from _common import cpu_model, write_csv
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -33,16 +33,6 @@ sys.path.insert(0, str(ROOT / "tests"))  # the pure-Python reference lives besid
 
 CSV_COLUMNS = ["case", "contender", "rows_in", "rows_out", "median_s", "rows_per_s", "speedup_vs_python",
                "speedup_vs_polars", "verified", "threads", "repeats", "cpu_model", "notes"]
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def generate(n: int, seed: int):
@@ -259,11 +249,7 @@ def main(argv=None):
                              "speedup_vs_polars": "", "verified": ver, "threads": 1,
                              "repeats": args.python_repeats, "cpu_model": model,
                              "notes": (note + "; " if note else "") + "step only: dict rows made before timing"})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        w.writeheader()
-        w.writerows(out_rows)
+    write_csv(args.out, CSV_COLUMNS, out_rows)
     print(f"\nwrote {args.out}")
     print("\ncase                prefops rows/s   vs python   vs polars")
     for r in out_rows:

@@ -22,15 +22,15 @@ the same process; on CPU, each contender's peak RSS above its inputs in a fresh 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import cpu_model, write_csv
 
 import torch
 
@@ -127,16 +127,7 @@ def cpu_peak(name, n, h, v, dtype, threads) -> float:
 def device_name(device) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
 
 
 def run_shape(n, h, v, dtype_name, device, repeats, contenders, threads):
@@ -208,11 +199,7 @@ def main() -> None:
         print(f"N={n} H={h} V={v} {dtype} on {device_name(args.device)}", flush=True)
         rows += run_shape(n, h, v, dtype, args.device, args.repeats, contenders, args.threads)
     out = Path(args.out) if args.out else RESULTS / f"token_logprobs_{args.device}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out, CSV_COLUMNS, rows)
     print(f"wrote {out}")
 
 

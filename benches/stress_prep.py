@@ -12,7 +12,6 @@ and the number of generated pairs, and writes benches/results/stress_prep_<devic
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -21,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import write_csv
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -102,10 +103,7 @@ def main() -> int:
             if not ok:
                 print(f"row counts do not reconcile: {stats}", file=sys.stderr)
                 return 1
-    with open(out_csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(records[0]))
-        w.writeheader()
-        w.writerows(records)
+    write_csv(out_csv, list(records[0]), records)
     print(f"wrote {out_csv}")
     return 0
 
