@@ -8,14 +8,14 @@
 use std::sync::Arc;
 
 use arrow_array::builder::{Float64Builder, Int64Builder, StringBuilder};
-use arrow_array::{Array, ArrayRef, ListArray, RecordBatch, RecordBatchOptions};
+use arrow_array::{Array, ArrayRef, ListArray, RecordBatch};
 use arrow_buffer::{OffsetBuffer, ScalarBuffer};
-use arrow_schema::{Field, Schema};
+use arrow_schema::Field;
 
 use crate::formats::Format;
 use crate::lists::{gain, List};
 use crate::model::Group;
-use crate::output::{json_bytes, json_into, ContentColumn, ContentJson, PairColumns, TYPE_HINTS};
+use crate::output::{json_bytes, json_into, BatchColumns, ContentColumn, ContentJson, PairColumns};
 use crate::pairs::TiePolicy;
 use crate::value::Value;
 
@@ -148,43 +148,28 @@ impl<'a> ListBatchBuilder<'a> {
     pub fn finish(mut self) -> RecordBatch {
         let rows = self.offsets.len() - 1;
         let offsets = OffsetBuffer::new(ScalarBuffer::from(std::mem::take(&mut self.offsets)));
-        let mut fields: Vec<Field> = Vec::new();
-        let mut columns: Vec<ArrayRef> = Vec::new();
-        let mut push = |name: &str, array: ArrayRef| {
-            fields.push(Field::new(name, array.data_type().clone(), true));
-            columns.push(array);
-        };
+        let mut out = BatchColumns::default();
         let list = |child: ArrayRef| -> ArrayRef {
             let item = Arc::new(Field::new("item", child.data_type().clone(), true));
             Arc::new(ListArray::new(item, offsets.clone(), child, None))
         };
-        push("prompt_id", Arc::new(self.prompt_id.finish()));
-        push("prompt", self.prompt.finish());
-        push("responses", list(self.responses.finish()));
-        push("labels", list(Arc::new(self.labels.finish())));
-        push("gains", list(Arc::new(self.gains.finish())));
-        push("scores", list(Arc::new(self.scores.finish())));
+        out.push("prompt_id", Arc::new(self.prompt_id.finish()));
+        out.push("prompt", self.prompt.finish());
+        out.push("responses", list(self.responses.finish()));
+        out.push("labels", list(Arc::new(self.labels.finish())));
+        out.push("gains", list(Arc::new(self.gains.finish())));
+        out.push("scores", list(Arc::new(self.scores.finish())));
         if self.cols.ranks {
-            push("ranks", list(Arc::new(self.ranks.finish())));
+            out.push("ranks", list(Arc::new(self.ranks.finish())));
         }
         if self.cols.models {
-            push("models", list(Arc::new(self.models.finish())));
+            out.push("models", list(Arc::new(self.models.finish())));
         }
-        push("list_size", Arc::new(self.list_size.finish()));
+        out.push("list_size", Arc::new(self.list_size.finish()));
         if self.any_extra {
-            let extra = crate::arrow_out::rows_to_batch(&self.extra, TYPE_HINTS);
-            for (f, c) in extra.schema().fields().iter().zip(extra.columns()) {
-                if !is_list_column(f.name()) {
-                    push(f.name(), c.clone());
-                }
-            }
+            out.push_extra(&self.extra, is_list_column);
         }
-        RecordBatch::try_new_with_options(
-            Arc::new(Schema::new(fields)),
-            columns,
-            &RecordBatchOptions::new().with_row_count(Some(rows)),
-        )
-        .expect("built columns match their schema")
+        out.finish(rows)
     }
 }
 

@@ -466,47 +466,65 @@ impl<'a> PairBatchBuilder<'a> {
     }
 
     pub fn finish(mut self) -> RecordBatch {
-        let mut fields: Vec<Field> = Vec::new();
-        let mut columns: Vec<ArrayRef> = Vec::new();
-        let mut push = |name: &str, array: ArrayRef| {
-            fields.push(Field::new(name, array.data_type().clone(), true));
-            columns.push(array);
-        };
-        push("prompt_id", Arc::new(self.prompt_id.finish()));
-        push("pair_id", Arc::new(self.pair_id.finish()));
-        push("prompt", self.prompt.finish());
-        push("chosen", self.chosen.finish());
-        push("rejected", self.rejected.finish());
-        push("score_chosen", Arc::new(self.score_chosen.finish()));
-        push("score_rejected", Arc::new(self.score_rejected.finish()));
-        push("margin", Arc::new(self.margin.finish()));
+        let mut out = BatchColumns::default();
+        out.push("prompt_id", Arc::new(self.prompt_id.finish()));
+        out.push("pair_id", Arc::new(self.pair_id.finish()));
+        out.push("prompt", self.prompt.finish());
+        out.push("chosen", self.chosen.finish());
+        out.push("rejected", self.rejected.finish());
+        out.push("score_chosen", Arc::new(self.score_chosen.finish()));
+        out.push("score_rejected", Arc::new(self.score_rejected.finish()));
+        out.push("margin", Arc::new(self.margin.finish()));
         if self.cols.tie {
-            push("tie", Arc::new(self.tie.finish()));
+            out.push("tie", Arc::new(self.tie.finish()));
         }
         if self.cols.ranks {
-            push("rank_chosen", Arc::new(self.rank_chosen.finish()));
-            push("rank_rejected", Arc::new(self.rank_rejected.finish()));
+            out.push("rank_chosen", Arc::new(self.rank_chosen.finish()));
+            out.push("rank_rejected", Arc::new(self.rank_rejected.finish()));
         }
         if self.cols.models {
-            push("chosen_model", Arc::new(self.chosen_model.finish()));
-            push("rejected_model", Arc::new(self.rejected_model.finish()));
+            out.push("chosen_model", Arc::new(self.chosen_model.finish()));
+            out.push("rejected_model", Arc::new(self.rejected_model.finish()));
         }
         if self.cols.hallucinated {
-            push("chosen_hallucinated", Arc::new(self.chosen_hallucinated.finish()));
-            push("rejected_hallucinated", Arc::new(self.rejected_hallucinated.finish()));
+            out.push("chosen_hallucinated", Arc::new(self.chosen_hallucinated.finish()));
+            out.push("rejected_hallucinated", Arc::new(self.rejected_hallucinated.finish()));
         }
         if self.any_extra {
-            let extra = crate::arrow_out::rows_to_batch(&self.extra, TYPE_HINTS);
-            for (f, c) in extra.schema().fields().iter().zip(extra.columns()) {
-                if !is_pair_column(f.name()) {
-                    push(f.name(), c.clone());
-                }
+            out.push_extra(&self.extra, is_pair_column);
+        }
+        out.finish(self.rows)
+    }
+}
+
+/// The columns of an output batch in order: the ones a builder made, then the records' other
+/// columns (typed over the batch), which never replace a made one.
+#[derive(Default)]
+pub(crate) struct BatchColumns {
+    fields: Vec<Field>,
+    columns: Vec<ArrayRef>,
+}
+
+impl BatchColumns {
+    pub fn push(&mut self, name: &str, array: ArrayRef) {
+        self.fields.push(Field::new(name, array.data_type().clone(), true));
+        self.columns.push(array);
+    }
+
+    pub fn push_extra(&mut self, extra: &[Value<'_>], is_made: impl Fn(&str) -> bool) {
+        let batch = crate::arrow_out::rows_to_batch(extra, TYPE_HINTS);
+        for (f, c) in batch.schema().fields().iter().zip(batch.columns()) {
+            if !is_made(f.name()) {
+                self.push(f.name(), c.clone());
             }
         }
+    }
+
+    pub fn finish(self, rows: usize) -> RecordBatch {
         RecordBatch::try_new_with_options(
-            Arc::new(Schema::new(fields)),
-            columns,
-            &RecordBatchOptions::new().with_row_count(Some(self.rows)),
+            Arc::new(Schema::new(self.fields)),
+            self.columns,
+            &RecordBatchOptions::new().with_row_count(Some(rows)),
         )
         .expect("built columns match their schema")
     }

@@ -562,26 +562,7 @@ mod tests {
     }
 
     fn pairs(rows: &[(&str, &str, f64)], chunk: usize) -> Table {
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("prompt_id", DataType::Utf8, true),
-            Field::new("pair_id", DataType::Utf8, true),
-            Field::new("margin", DataType::Float64, true),
-        ]));
-        let batches = rows
-            .chunks(chunk)
-            .map(|c| {
-                RecordBatch::try_new(
-                    schema.clone(),
-                    vec![
-                        Arc::new(StringArray::from(c.iter().map(|r| r.0).collect::<Vec<_>>())),
-                        Arc::new(StringArray::from(c.iter().map(|r| r.1).collect::<Vec<_>>())),
-                        Arc::new(Float64Array::from(c.iter().map(|r| r.2).collect::<Vec<_>>())),
-                    ],
-                )
-                .unwrap()
-            })
-            .collect();
-        Table::new("pairs", schema, batches).unwrap()
+        super::super::pairs_table("pairs", rows, chunk)
     }
 
     fn column(t: &Table, name: &str) -> Vec<f64> {

@@ -309,6 +309,31 @@ pub(crate) fn make_batch(schema: SchemaRef, columns: Vec<ArrayRef>, rows: usize)
     .map_err(|e| PrepError::Config(format!("internal: building an output batch: {e}")))
 }
 
+/// Test tables of (prompt_id, pair_id, margin) rows cut into batches of `batch` rows.
+#[cfg(test)]
+pub(crate) fn pairs_table(source: &str, rows: &[(&str, &str, f64)], batch: usize) -> Table {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("prompt_id", DataType::Utf8, true),
+        Field::new("pair_id", DataType::Utf8, true),
+        Field::new("margin", DataType::Float64, true),
+    ]));
+    let batches = rows
+        .chunks(batch)
+        .map(|c| {
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(StringArray::from(c.iter().map(|r| r.0).collect::<Vec<_>>())),
+                    Arc::new(StringArray::from(c.iter().map(|r| r.1).collect::<Vec<_>>())),
+                    Arc::new(Float64Array::from(c.iter().map(|r| r.2).collect::<Vec<_>>())),
+                ],
+            )
+            .unwrap()
+        })
+        .collect();
+    Table::new(source, schema, batches).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
