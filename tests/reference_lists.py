@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from reference_prep import SplitMix64, default_prompt_id
+from reference_prep import SplitMix64, best_first, default_prompt_id
 
 LIST_KEYS = ["prompt_id", "prompt", "responses", "labels", "gains", "scores", "ranks", "models", "list_size"]
 
@@ -29,15 +29,7 @@ def make_list(responses, prompt_id, *, list_size=None, label="dense_rank", trunc
     dropped = dropped if dropped is not None else Counter()
     counters = counters if counters is not None else Counter()
     pref = [preference(r) for r in responses]
-    order = sorted(range(len(responses)), key=lambda i: -pref[i])  # stable: ties keep input order
-    if dedupe:
-        kept = []
-        for i in order:
-            if any(responses[k]["content"] == responses[i]["content"] for k in kept):
-                dropped["duplicate_response"] += 1
-            else:
-                kept.append(i)
-        order = kept
+    order = best_first(responses, pref, dedupe, dropped)
     if len(order) < min_size:
         dropped["below_min_size"] += 1
         counters["responses_below_min_size"] += len(order)

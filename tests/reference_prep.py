@@ -72,6 +72,21 @@ def preference(response: dict) -> float:
     return 0.0
 
 
+def best_first(responses: list[dict], pref: list[float], dedupe: bool, dropped: Counter) -> list[int]:
+    """Response indices best first (Python's sort is stable: ties keep their input order), later
+    copies of a text dropped and counted when ``dedupe``."""
+    order = sorted(range(len(responses)), key=lambda i: -pref[i])
+    if not dedupe:
+        return order
+    kept = []
+    for i in order:
+        if any(responses[k]["content"] == responses[i]["content"] for k in kept):
+            dropped["duplicate_response"] += 1
+        else:
+            kept.append(i)
+    return kept
+
+
 def make_pairs(
     responses: list[dict],
     prompt_id: str,
@@ -86,16 +101,7 @@ def make_pairs(
 ) -> list[RefPair]:
     dropped = dropped if dropped is not None else Counter()
     pref = [preference(r) for r in responses]
-    # Best first; Python's sort is stable, so tied responses keep their input order.
-    order = sorted(range(len(responses)), key=lambda i: -pref[i])
-    if dedupe:
-        kept = []
-        for i in order:
-            if any(responses[k]["content"] == responses[i]["content"] for k in kept):
-                dropped["duplicate_response"] += 1
-            else:
-                kept.append(i)
-        order = kept
+    order = best_first(responses, pref, dedupe, dropped)
     if len(order) < 2:
         dropped["fewer_than_two_responses"] += 1
         return []

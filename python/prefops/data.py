@@ -39,6 +39,18 @@ def sample_path(name: str) -> Path:
     return Path(__file__).with_name("samples") / file
 
 
+def _dropped_and_skipped_lines(stats: dict) -> list:
+    """Summary lines for what a run dropped and skipped (counts by reason, a few examples)."""
+    lines = []
+    if stats["dropped"]:
+        lines.append("  dropped          " + ", ".join(f"{k} {v:,}" for k, v in stats["dropped"].items()))
+    if stats["skipped"]:
+        lines.append("  skipped          " + ", ".join(f"{k} {v:,}" for k, v in stats["skipped"].items()))
+        for example in stats["skipped_examples"][:3]:
+            lines.append(f"    e.g. {example}")
+    return lines
+
+
 @dataclass(frozen=True)
 class PrepResult:
     """What a prep run made. ``table`` is set when no output path was given."""
@@ -63,12 +75,7 @@ class PrepResult:
             f"  rows written     {s['rows_written']:>10,}   pairs made {s['pairs_made']:,}"
             + (f", ties kept {s['ties_kept']:,}" if s["ties_kept"] else ""),
         ]
-        if s["dropped"]:
-            lines.append("  dropped          " + ", ".join(f"{k} {v:,}" for k, v in s["dropped"].items()))
-        if s["skipped"]:
-            lines.append("  skipped          " + ", ".join(f"{k} {v:,}" for k, v in s["skipped"].items()))
-            for example in s["skipped_examples"][:3]:
-                lines.append(f"    e.g. {example}")
+        lines += _dropped_and_skipped_lines(s)
         h = s["margin_histogram"]
         if h["mean"] is not None:
             lines.append(f"  margin           min {h['min']:.4g}  mean {h['mean']:.4g}  max {h['max']:.4g}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from prefops.data import PrepResult, _arrow_source, _run_prep
+from prefops.data import PrepResult, _arrow_source, _dropped_and_skipped_lines, _run_prep
 
 __all__ = ["LABELS", "TRUNCATE", "ListResult", "ListTensors", "lists", "list_tensors"]
 
@@ -50,12 +50,7 @@ class ListResult(PrepResult):
         if sizes:
             shown = sorted(sizes.items(), key=lambda kv: int(kv[0]))
             lines.append("  list sizes       " + ", ".join(f"{k}: {v:,}" for k, v in shown))
-        if s["dropped"]:
-            lines.append("  dropped          " + ", ".join(f"{k} {v:,}" for k, v in s["dropped"].items()))
-        if s["skipped"]:
-            lines.append("  skipped          " + ", ".join(f"{k} {v:,}" for k, v in s["skipped"].items()))
-            for example in s["skipped_examples"][:3]:
-                lines.append(f"    e.g. {example}")
+        lines += _dropped_and_skipped_lines(s)
         return "\n".join(lines)
 
 
