@@ -1,7 +1,6 @@
 //! Python bindings of prefops-core. Only conversions live here: the work is in the core,
 //! run with the GIL released.
 
-use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
@@ -194,12 +193,8 @@ fn prep<'py>(
         (false, None) => Output::Memory,
     };
     let memory = matches!(out, Output::Memory);
-    // Ctrl-C: the run polls this between chunks; Python runs its signal handlers here.
-    let interrupted = || Python::attach(|py| py.check_signals().is_err());
-    let report = py
-        .detach(|| std::panic::catch_unwind(AssertUnwindSafe(|| pipeline::prep(input, &out, &opts, &interrupted))))
-        .map_err(panic_error)?
-        .map_err(to_py_err)?;
+    // Ctrl-C sets the run's cancellation flag (run_detached), which the pipeline polls between chunks.
+    let report = run_detached(py, move || pipeline::prep(input, &out, &opts, &|| steps::cancel::check().is_err()))?;
     let summary = serde_json::json!({
         "format": report.format.name(),
         "kind": report.kind.name(),
