@@ -3,6 +3,7 @@ leaves no output, not even a temporary file. Rust panics surface as RuntimeError
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,7 +80,10 @@ def test_cli_prep_stops_on_sigint_with_exit_130_and_no_partial_file(big_input, t
 
 
 def test_panic_in_a_worker_thread_is_a_runtime_error_not_a_crash():
-    with pytest.raises(RuntimeError, match="prefops internal error"):
+    with pytest.raises(RuntimeError, match="prefops internal error") as caught:
         _native._panic_for_tests()
+    # The worker's own message and location, not std's "a scoped thread panicked".
+    assert re.search(r"deliberate test panic at \S*lib\.rs:\d+", str(caught.value)), caught.value
+    assert "scoped thread" not in str(caught.value)
     # The process and the module still work.
     assert prefops.convert(prefops.sample_path("llamafactory_dpo")).stats["rows"] == 120

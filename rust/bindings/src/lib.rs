@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
 use pyo3::create_exception;
@@ -49,12 +49,35 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".to_string())
 }
 
+/// The first panic of a detached run, with its location. A panic in a nested worker thread
+/// reaches `run_detached` only as "a scoped thread panicked" (std re-panics on join), so the
+/// root cause is recorded by a panic hook as it happens.
+static FIRST_PANIC: Mutex<Option<String>> = Mutex::new(None);
+
+fn record_panics() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let mut first = FIRST_PANIC.lock().unwrap_or_else(|e| e.into_inner());
+            if first.is_none() {
+                let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+                *first = Some(format!("{}{at}", panic_message(info.payload())));
+            }
+            drop(first);
+            previous(info); // still printed on stderr as before
+        }));
+    });
+}
+
 /// A Rust panic must not take the Python process down or escape as PanicException (a
-/// BaseException that `except Exception` misses): it becomes a RuntimeError.
+/// BaseException that `except Exception` misses): it becomes a RuntimeError naming the
+/// first panic's message and location.
 fn panic_error(payload: Box<dyn std::any::Any + Send>) -> PyErr {
+    let recorded = FIRST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).take();
     PyRuntimeError::new_err(format!(
         "prefops internal error (a bug; please report it with the input that caused it): {}; no output was written",
-        panic_message(payload.as_ref())
+        recorded.unwrap_or_else(|| panic_message(payload.as_ref()))
     ))
 }
 
@@ -62,6 +85,8 @@ fn panic_error(payload: Box<dyn std::any::Any + Send>) -> PyErr {
 /// SIGINT the step's cancellation flag is set, the step stops within one slice, writes
 /// nothing, and KeyboardInterrupt is raised. Panics become RuntimeError.
 fn run_detached<T: Send>(py: Python<'_>, work: impl FnOnce() -> Result<T, PrepError> + Send) -> PyResult<T> {
+    record_panics();
+    FIRST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).take();
     let flag = Arc::new(AtomicBool::new(false));
     let outcome = py.detach(|| {
         std::thread::scope(|s| {
