@@ -48,13 +48,13 @@ pub fn write_list_jsonl(buf: &mut Vec<u8>, g: &Group<'_>, list: &List, cols: Lis
     buf.extend_from_slice(b"{\"prompt_id\":");
     json_into(buf, g.prompt_id.as_ref());
     buf.extend_from_slice(b",\"prompt\":");
-    json_into(buf, &ContentJson(&g.prompt));
+    ContentJson(&g.prompt).write(buf);
     buf.extend_from_slice(b",\"responses\":[");
     for (a, r) in members().enumerate() {
         if a > 0 {
             buf.push(b',');
         }
-        json_into(buf, &ContentJson(&r.content));
+        ContentJson(&r.content).write(buf);
     }
     buf.push(b']');
     let mut array = |name: &str, items: &mut dyn Iterator<Item = Vec<u8>>| {
