@@ -9,8 +9,16 @@ kNN contenders (L2 by default):
               d2 = |y|^2 - 2 G, self masked, np.partition for the k-th smallest, then
               sqrt(d2 + |x|^2)
   numpy_gemm  the BLAS floor of that: the X_b @ X.T products alone, nothing selected
-  prefops_ivf prefops.knn_radius(x, k, knn="ivf") (default nlist, nprobe), with the share of
-              rows whose radius equals the exact one (within 1e-6 relative)
+  prefops_ivf prefops.knn_search(x, k, knn="ivf") (default nlist, nprobe), with recall@k on
+              500 sampled rows against a numpy brute force for those rows, and (when the exact
+              contender ran) the share of rows whose radius equals the exact one
+
+--data gaussian (default) draws i.i.d. rows: no structure, the worst case for IVF. --data
+clustered draws N/100 topic centres and rows = centre + 0.35·noise, closer to real prompt
+embeddings; there IVF is the option for millions of rows:
+
+    python benches/bench_fifa.py --data clustered --n 1000000 --metric cosine --repeats 1 \
+        --contenders prefops_ivf --skip-step
 
 Step contenders (--pairs rows, --prompts prompts of dimension --step-dim, ~pairs/prompts pairs
 per prompt, margin + quality columns):
@@ -114,12 +122,42 @@ def polars_step(pl, table, ids, emb, *, alpha, gamma, k, metric, keep_fraction, 
             .sort("__row"))
 
 
+def make_matrix(data: str, n: int, dim: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if data == "gaussian":
+        return rng.standard_normal((n, dim)).astype(np.float32)
+    centres = rng.standard_normal((max(n // 100, 1), dim)).astype(np.float32)
+    x = centres[rng.integers(0, len(centres), n)]
+    x += 0.35 * rng.standard_normal((n, dim)).astype(np.float32)
+    return x
+
+
+def sampled_recall(x: np.ndarray, indices: np.ndarray, k: int, metric: str, seed: int, queries: int = 500) -> float:
+    """recall@k of `indices` on sampled rows, against a brute force for those rows (float64;
+    float32 above 200k rows, to keep the copy small)."""
+    rng = np.random.default_rng(seed + 1)
+    sample = rng.choice(len(x), min(queries, len(x)), replace=False)
+    y = x.astype(np.float64 if len(x) <= 200_000 else np.float32)
+    if metric == "cosine":
+        y /= np.linalg.norm(y, axis=1, keepdims=True)
+    sq = np.einsum("ij,ij->i", y, y)
+    hits = 0
+    for s in range(0, len(sample), 100):
+        q = sample[s:s + 100]
+        d = sq[None, :] - 2.0 * (y[q] @ y.T)  # squared distance up to a per-row constant: same order
+        d[np.arange(len(q)), q] = np.inf
+        truth = np.argpartition(d, k - 1, axis=1)[:, :k]
+        hits += sum(len(set(indices[r]) & set(truth[j])) for j, r in enumerate(q))
+    return hits / (len(sample) * k)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=100_000, help="rows of the kNN matrix (default 100,000)")
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--metric", default="l2", choices=["l2", "cosine"])
+    p.add_argument("--data", default="gaussian", choices=["gaussian", "clustered"], help="kNN matrix (see above)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="prefops threads (numpy: OpenBLAS default)")
     p.add_argument("--contenders", nargs="*", default=["prefops", "numpy", "numpy_gemm", "prefops_ivf"])
@@ -146,8 +184,8 @@ def main(argv=None):
                      "cpu_model": model, "notes": "; ".join(x for x in (args.note, notes) if x)})
 
     if not args.skip_knn:
-        x = np.random.default_rng(args.seed).standard_normal((args.n, args.dim)).astype(np.float32)
-        print(f"== kNN radius, {args.n:,} x {args.dim}, k = {args.k}, {args.metric}", flush=True)
+        x = make_matrix(args.data, args.n, args.dim, args.seed)
+        print(f"== kNN radius, {args.n:,} x {args.dim} {args.data}, k = {args.k}, {args.metric}", flush=True)
         res = {}
         if "prefops" in args.contenders:
             res["prefops"] = timed(lambda: prefops.knn_radius(x, args.k, metric=args.metric, threads=args.threads),
@@ -160,9 +198,11 @@ def main(argv=None):
             res["numpy_gemm"] = timed(lambda: numpy_gemm_only(x), args.repeats)
             print(f"  numpy_gemm  {res['numpy_gemm'][0]:8.2f} s (products only)", flush=True)
         if "prefops_ivf" in args.contenders:
-            res["prefops_ivf"] = timed(lambda: prefops.knn_radius(x, args.k, metric=args.metric, knn="ivf",
+            t_ivf, (dist, idx) = timed(lambda: prefops.knn_search(x, args.k, metric=args.metric, knn="ivf",
                                                                   threads=args.threads), args.repeats)
-            print(f"  prefops_ivf {res['prefops_ivf'][0]:8.2f} s", flush=True)
+            res["prefops_ivf"] = (t_ivf, dist[:, -1].astype(np.float64))
+            ivf_recall = sampled_recall(x, idx, args.k, args.metric, args.seed)
+            print(f"  prefops_ivf {t_ivf:8.2f} s  recall@{args.k} {ivf_recall:.3f} (500 sampled rows)", flush=True)
         for name in ("prefops", "prefops_ivf"):
             if name not in res:
                 continue
@@ -172,11 +212,13 @@ def main(argv=None):
                 rel = np.abs(radius - res["numpy"][1]) / np.maximum(res["numpy"][1], 1e-12)
                 verified = bool(rel.max() < 1e-3)
                 notes = f"max relative difference to numpy (float32 products) {rel.max():.2e}"
-            if name == "prefops_ivf" and "prefops" in res:
-                exact = res["prefops"][1]
-                same = np.mean(np.abs(radius - exact) <= 1e-6 * exact)
+            if name == "prefops_ivf":
                 verified = "approximate"
-                notes = f"radius exact for {same:.1%} of rows; never below exact: {bool((radius >= exact - 1e-9).all())}"
+                notes = f"{args.data} data; recall@{args.k} {ivf_recall:.3f} on 500 sampled rows"
+                if "prefops" in res:
+                    exact = res["prefops"][1]
+                    same = np.mean(np.abs(radius - exact) <= 1e-6 * exact)
+                    notes += f"; radius exact for {same:.1%} of rows; never below exact: {bool((radius >= exact - 1e-9).all())}"
             sp = f"{res['numpy'][0] / t:.2f}" if "numpy" in res else ""
             sg = f"{res['numpy_gemm'][0] / t:.2f}" if "numpy_gemm" in res else ""
             row("knn_radius", name, args.n, args.dim, t, args.repeats, verified, sp, sg, notes)
