@@ -256,10 +256,14 @@ def test_ray_map_batches_and_map_groups(ray_cluster, hh_raw, hh_pairs):
     assert canonical(got) == canonical(hh_pairs)
 
     # Curriculum: stages per prompt group, then Ray's distributed sort = prefops.curriculum.
-    staged = (pairs.groupby("prompt_id")
+    # 60 ImageReward prompts with up to 8 pairs each: several stages, few groups to schedule.
+    ir_pairs = prefops.prep(prefops.convert(prefops.sample_path("imagereward")).table.slice(0, 60),
+                            strategy="best_vs_each").table
+    staged = (ray.data.from_arrow(blocks(ir_pairs, 3)).groupby("prompt_id")
               .map_groups(process, fn_kwargs={"steps": [CurriculumScores(stages=True)]}, batch_format="pyarrow")
               .sort(list(CURRICULUM_SORT_KEY)))
-    expected = prefops.curriculum(hh_pairs).table
+    expected = prefops.curriculum(ir_pairs).table
+    assert max(expected.column("stage").to_pylist()) >= 3
     got = pa.Table.from_pylist(staged.take_all()).drop_columns(["curriculum_key"])
     assert got.select(expected.column_names).to_pylist() == expected.to_pylist()
 
@@ -320,7 +324,7 @@ def spark():
 def test_spark_map_in_arrow(spark, hh_raw, hh_pairs):
     from pyspark.sql.pandas.types import from_arrow_schema
 
-    df = spark.createDataFrame(hh_raw.to_pandas()).repartition(3)
+    df = spark.createDataFrame(hh_raw).repartition(3)  # a pyarrow.Table in (Spark 4)
     schema = hh_pairs.schema
     out = df.mapInArrow(lambda it: process_batches(it, ROW_STEPS, schema=schema), from_arrow_schema(schema))
     got = out.toArrow()
