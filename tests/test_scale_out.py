@@ -6,6 +6,8 @@ single-process steps on random tables with random batch boundaries."""
 import multiprocessing
 import os
 import re
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -302,12 +304,14 @@ def test_ray_fifa_and_curriculum_order(ray_cluster, hh_pairs):
 @pytest.fixture(scope="module")
 def spark():
     pytest.importorskip("pyspark")
+    if not (shutil.which("java") or os.environ.get("JAVA_HOME")):
+        pytest.skip("Spark needs a Java runtime (17+): none on PATH and no JAVA_HOME")
     from pyspark.sql import SparkSession
 
     env = worker_env()
     saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "PYSPARK_PYTHON")}
     os.environ.update(env)
-    os.environ["PYSPARK_PYTHON"] = os.environ.get("PYSPARK_PYTHON") or __import__("sys").executable
+    os.environ["PYSPARK_PYTHON"] = os.environ.get("PYSPARK_PYTHON") or sys.executable
     session = (SparkSession.builder.master("local[2]").appName("prefops-test")
                .config("spark.ui.enabled", "false").config("spark.driver.host", "127.0.0.1")
                .config("spark.sql.shuffle.partitions", "2").getOrCreate())
