@@ -220,3 +220,13 @@ def _run_prep(source, output, result_type, *, column_map=None, seed=0, threads=N
         output=None if dry_run else out,
         table=table,
     )
+
+
+def __getattr__(name: str) -> Any:
+    # The batch-engine API (process, the step specs, the global parts) lives in prefops.batched,
+    # which imports the steps, which import this module: served from here on first access.
+    from prefops import batched
+
+    if name in batched.__all__:
+        return getattr(batched, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

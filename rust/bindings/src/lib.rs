@@ -13,6 +13,7 @@ use pyo3::prelude::*;
 use pyo3_arrow::input::AnyRecordBatch;
 use pyo3_arrow::PyTable;
 use pyo3_arrow::PyArray;
+use arrow_array::Array as _;
 
 use prefops_core::steps::{self, augment, curriculum as cur, flip, Table};
 use prefops_core::knn as knn_core;
@@ -520,6 +521,143 @@ fn fifa<'py>(
     step_result(py, "fifa", table, &files, threads, seconds, stats)
 }
 
+/// Global part of FiFA for batch engines: ρ_k of every prompt embedding, as a table
+/// (`prompt_id`, `knn_distance`, `log_distance`) small enough to broadcast. `from_pairs`: the
+/// table is a pairs table's prompt ids and embeddings (a prompt may repeat with the same vector).
+/// Returns (table, report JSON).
+#[pyfunction]
+#[pyo3(signature = (embeddings, *, from_pairs=false, k=5, metric="cosine", knn="exact", nlist=0, nprobe=0, seed=0,
+                    embedding_column="embedding".to_string(), distance_floor=1e-6, threads=0))]
+#[allow(clippy::too_many_arguments)]
+fn fifa_radii<'py>(
+    py: Python<'py>,
+    embeddings: &Bound<'py, PyAny>,
+    from_pairs: bool,
+    k: usize,
+    metric: &str,
+    knn: &str,
+    nlist: usize,
+    nprobe: usize,
+    seed: u64,
+    embedding_column: String,
+    distance_floor: f64,
+    threads: usize,
+) -> PyResult<(Option<Bound<'py, PyAny>>, String)> {
+    let opts = fifa_core::FifaOptions {
+        k,
+        metric: parse::<knn_core::Metric>(metric)?,
+        search: knn_search_mode(knn, nlist, nprobe, seed)?,
+        embedding_column,
+        distance_floor,
+        ..Default::default()
+    };
+    let (table, files, threads, seconds, stats) = run_step(py, embeddings, threads, move |t, threads| {
+        let opts = fifa_core::FifaOptions { threads, ..opts };
+        let emb = if from_pairs {
+            fifa_core::PromptEmbeddings::from_pairs(&t, &opts.embedding_column, opts.metric)?
+        } else {
+            fifa_core::PromptEmbeddings::from_table(&t, &opts.embedding_column, opts.metric)?
+        };
+        let radii = fifa_core::prompt_radii(&emb, &opts)?;
+        let stats = serde_json::json!({
+            "prompts": emb.ids.len(),
+            "embedding_dim": emb.dim,
+            "duplicate_embeddings": radii.duplicates,
+            "floored_prompts": radii.floored,
+            "knn": radii.info,
+        });
+        Ok((fifa_core::radii_table(&emb, &radii)?, Vec::new(), stats))
+    })?;
+    step_result(py, "fifa_radii", table, &files, threads, seconds, stats)
+}
+
+/// Per-batch part of FiFA: every row with `importance` and `knn_distance` added, given the
+/// radii table of `fifa_radii`. Returns (table, report JSON).
+#[pyfunction]
+#[pyo3(signature = (source, radii, *, alpha=1.0, gamma=1.0, margin_column="margin".to_string(), quality_column=None,
+                    threads=0))]
+#[allow(clippy::too_many_arguments)]
+fn fifa_scores<'py>(
+    py: Python<'py>,
+    source: &Bound<'py, PyAny>,
+    radii: &Bound<'py, PyAny>,
+    alpha: f64,
+    gamma: f64,
+    margin_column: String,
+    quality_column: Option<String>,
+    threads: usize,
+) -> PyResult<(Option<Bound<'py, PyAny>>, String)> {
+    let opts = fifa_core::FifaOptions { alpha, gamma, margin_column, quality_column, ..Default::default() };
+    let radii = step_input(radii)?;
+    let (table, files, threads, seconds, stats) = run_step(py, source, threads, move |t, threads| {
+        let radii = fifa_core::PromptRadii::from_table(&load(radii, threads)?)?;
+        let out = fifa_core::score_table(&t, &radii, &fifa_core::FifaOptions { threads, ..opts })?;
+        Ok((out, Vec::new(), serde_json::json!({ "rows": t.num_rows() })))
+    })?;
+    step_result(py, "fifa_scores", table, &files, threads, seconds, stats)
+}
+
+/// Global selection of FiFA: the cut keeping the top rows of a scores table (`importance`,
+/// `pair_id`) by count or fraction, ties by pair id. Returns JSON {rows, kept, cut} with cut
+/// null (nothing kept) or {importance, pair_id}.
+#[pyfunction]
+#[pyo3(signature = (scores, *, keep_count=None, keep_fraction=None, threads=0))]
+fn fifa_cut(
+    py: Python<'_>,
+    scores: &Bound<'_, PyAny>,
+    keep_count: Option<u64>,
+    keep_fraction: Option<f64>,
+    threads: usize,
+) -> PyResult<String> {
+    let keep = match (keep_count, keep_fraction) {
+        (Some(c), None) => fifa_core::Keep::Count(c),
+        (None, Some(f)) => fifa_core::Keep::Fraction(f),
+        _ => return Err(PyValueError::new_err("give exactly one of keep_count and keep_fraction")),
+    };
+    let input = step_input(scores)?;
+    let threads = pipeline::resolve_threads(threads);
+    run_detached(py, move || {
+        let t = load(input, threads)?;
+        let source = t.source.as_str();
+        let ii = t.column_index("importance", "made by the per-batch FiFA scores")?;
+        let pi = t.column_index("pair_id", "ties in importance are broken by pair id")?;
+        let mut importance = Vec::with_capacity(t.num_rows());
+        let mut ids = Vec::with_capacity(t.num_rows());
+        for b in &t.batches {
+            let imp = steps::numeric_array(b.column(ii), "importance", source, "the FiFA importance")?;
+            if imp.null_count() > 0 {
+                return Err(PrepError::Config(format!("{source}: column 'importance' has nulls")));
+            }
+            importance.extend_from_slice(imp.values());
+            let pid = steps::text_array(b.column(pi), "pair_id", source, "ties in importance are broken by pair id")?;
+            ids.extend(pid.iter().map(|x| x.map(str::to_string)));
+        }
+        let n = importance.len();
+        let kept = keep.rows(n)?;
+        let cut = fifa_core::top_cut(&importance, &arrow_array::StringArray::from(ids), kept, source)?;
+        Ok(serde_json::json!({ "rows": n, "kept": kept, "cut": cut }).to_string())
+    })
+}
+
+/// Per-batch filter of FiFA: the rows a cut keeps (cut = (importance, pair_id) or None for
+/// none), in input order. Returns (table, report JSON).
+#[pyfunction]
+#[pyo3(signature = (source, cut, *, threads=0))]
+fn fifa_keep<'py>(
+    py: Python<'py>,
+    source: &Bound<'py, PyAny>,
+    cut: Option<(f64, Option<String>)>,
+    threads: usize,
+) -> PyResult<(Option<Bound<'py, PyAny>>, String)> {
+    let cut = cut.map(|(importance, pair_id)| fifa_core::Cut { importance, pair_id });
+    let (table, files, threads, seconds, stats) = run_step(py, source, threads, move |t, threads| {
+        let out = fifa_core::keep_rows(&t, cut.as_ref(), threads)?;
+        let stats = serde_json::json!({ "rows": t.num_rows(), "kept": out.num_rows() });
+        Ok((out, Vec::new(), stats))
+    })?;
+    step_result(py, "fifa_keep", table, &files, threads, seconds, stats)
+}
+
 /// k nearest neighbours of every row of a matrix (an Arrow fixed-size list of float32, one
 /// list per row) among the other rows. Returns (distances, indices) as flat Arrow arrays of
 /// rows * k values (float64, uint32), nearest first, and the search info as JSON.
@@ -578,6 +716,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(convert, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
     m.add_function(wrap_pyfunction!(fifa, m)?)?;
+    m.add_function(wrap_pyfunction!(fifa_radii, m)?)?;
+    m.add_function(wrap_pyfunction!(fifa_scores, m)?)?;
+    m.add_function(wrap_pyfunction!(fifa_cut, m)?)?;
+    m.add_function(wrap_pyfunction!(fifa_keep, m)?)?;
     m.add_function(wrap_pyfunction!(knn_search, m)?)?;
     m.add_function(wrap_pyfunction!(knn_entropy, m)?)?;
     m.add("AUGMENT_DEFAULT_TEMPLATE", augment::DEFAULT_TEMPLATE)?;

@@ -9,9 +9,12 @@
 //!
 //! Three parts, so that the per-row work can run on batches elsewhere:
 //!
-//! 1. [`prompt_radii`] (global, over prompts): ρ_k for every prompt embedding.
-//! 2. [`fifa_scores`] (per batch, given the radii): the terms and the importance of each row.
-//! 3. [`select_top`] (global, O(rows) memory of scores): which rows to keep.
+//! 1. [`prompt_radii`] (global, over prompts): ρ_k for every prompt embedding; as a small
+//!    table ([`radii_table`] / [`PromptRadii::from_table`]) it can be broadcast to batches.
+//! 2. [`fifa_scores`] / [`score_table`] (per batch, given the radii): the terms and the
+//!    importance of each row.
+//! 3. [`select_top`] (global, O(rows) memory of scores): which rows to keep; [`top_cut`] turns
+//!    the kept set into a rule ([`Cut`]) that each batch applies on its own ([`keep_rows`]).
 //!
 //! Ties in importance are broken by `pair_id` (byte order; when the column exists), then by
 //! input position, so the kept set does not depend on batching or threads. Kept rows come out
@@ -247,6 +250,81 @@ pub fn prompt_radii(emb: &PromptEmbeddings, opts: &FifaOptions) -> Result<Radii>
     })
 }
 
+/// What per-batch scoring needs of the global part: each prompt's ρ_k and ln max(ρ_k, floor),
+/// looked up by prompt id.
+#[derive(Debug, Clone)]
+pub struct PromptRadii {
+    /// Where the embeddings came from (for errors).
+    pub source: String,
+    pub index: IdMap,
+    pub radius: Vec<f64>,
+    pub log_radius: Vec<f64>,
+}
+
+/// Columns of the radii table: one row per prompt.
+pub const RADII_COLUMNS: [&str; 3] = ["prompt_id", "knn_distance", "log_distance"];
+
+impl PromptRadii {
+    pub fn new(emb: &PromptEmbeddings, radii: &Radii) -> PromptRadii {
+        PromptRadii {
+            source: emb.source.clone(),
+            index: emb.index.clone(),
+            radius: radii.radius.clone(),
+            log_radius: radii.log_radius.clone(),
+        }
+    }
+
+    /// From a table made by [`radii_table`] (`prompt_id`, `knn_distance`, `log_distance`).
+    pub fn from_table(table: &Table) -> Result<PromptRadii> {
+        let source = table.source.as_str();
+        let why = "the FiFA radii table (prefops.fifa_radii) has one row per prompt";
+        let [pi, di, li] = RADII_COLUMNS.map(|c| table.column_index(c, why));
+        let (pi, di, li) = (pi?, di?, li?);
+        let mut out = PromptRadii {
+            source: source.to_string(),
+            index: IdMap::with_hasher(Default::default()),
+            radius: Vec::with_capacity(table.num_rows()),
+            log_radius: Vec::with_capacity(table.num_rows()),
+        };
+        for (first, b) in table.slices(SLICE_ROWS) {
+            let ids = text_array(b.column(pi), "prompt_id", source, "the prompt id")?;
+            let dist = numeric_array(b.column(di), "knn_distance", source, "the kNN distance")?;
+            let logd = numeric_array(b.column(li), "log_distance", source, "the log distance")?;
+            for r in 0..b.num_rows() {
+                let row = first + r as u64;
+                if ids.is_null(r) || dist.is_null(r) || logd.is_null(r) {
+                    return Err(row_error(source, row, "prompt_id", Problem::MissingField, "null in the radii table"));
+                }
+                let id = ids.value(r);
+                if out.index.insert(id.to_string(), out.radius.len() as u32).is_some() {
+                    return Err(row_error(source, row, "prompt_id", Problem::WrongType, format!("prompt '{id}' appears twice")));
+                }
+                out.radius.push(dist.value(r));
+                out.log_radius.push(logd.value(r));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The radii as a table, one row per prompt in embedding order: `prompt_id`, `knn_distance`
+/// (ρ_k) and `log_distance` (ln max(ρ_k, floor), the term the importance uses).
+pub fn radii_table(emb: &PromptEmbeddings, radii: &Radii) -> Result<Table> {
+    let [p, d, l] = RADII_COLUMNS;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new(p, arrow_schema::DataType::Utf8, false),
+        Field::new(d, arrow_schema::DataType::Float64, false),
+        Field::new(l, arrow_schema::DataType::Float64, false),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(emb.ids.clone())),
+        Arc::new(Float64Array::from(radii.radius.clone())),
+        Arc::new(Float64Array::from(radii.log_radius.clone())),
+    ];
+    let batch = make_batch(schema.clone(), columns, emb.ids.len())?;
+    Table::new(emb.source.clone(), schema, vec![batch])
+}
+
 /// The terms and importance of the rows of one batch.
 #[derive(Debug, Clone)]
 pub struct BatchScores {
@@ -262,8 +340,7 @@ pub fn fifa_scores(
     batch: &RecordBatch,
     first_row: u64,
     source: &str,
-    emb: &PromptEmbeddings,
-    radii: &Radii,
+    radii: &PromptRadii,
     opts: &FifaOptions,
 ) -> Result<BatchScores> {
     let col = |name: &str, why: &str| -> Result<&ArrayRef> {
@@ -295,13 +372,13 @@ pub fn fifa_scores(
             return Err(row_error(source, row, "prompt_id", Problem::MissingField, "prompt_id is null"));
         }
         let id = ids.value(i);
-        let p = *emb.index.get(id).ok_or_else(|| {
+        let p = *radii.index.get(id).ok_or_else(|| {
             row_error(
                 source,
                 row,
                 "prompt_id",
                 Problem::MissingField,
-                format!("no embedding for prompt '{id}' in {}", emb.source),
+                format!("no embedding for prompt '{id}' in {}", radii.source),
             )
         })?;
         let q = quality.as_ref().map_or(0.0, |q| q[i]);
@@ -340,6 +417,110 @@ pub fn select_top(
         mask[i as usize] = true;
     }
     (mask, Some(threshold))
+}
+
+/// The pairs' schema with `importance` and `knn_distance` set (replaced or appended).
+fn scored_schema(pairs: &arrow_schema::SchemaRef) -> arrow_schema::SchemaRef {
+    let mut fields: Vec<Field> = pairs.fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut probe: Vec<ArrayRef> = pairs.fields().iter().map(|f| arrow_array::new_empty_array(f.data_type())).collect();
+    for name in ["importance", "knn_distance"] {
+        set_column(&mut fields, &mut probe, name, Arc::new(Float64Array::from(Vec::<f64>::new())));
+    }
+    Arc::new(Schema::new_with_metadata(fields, pairs.metadata().clone()))
+}
+
+/// A batch with its scores as the `importance` and `knn_distance` columns.
+fn scored_batch(schema: &arrow_schema::SchemaRef, b: &RecordBatch, sc: &BatchScores, radii: &PromptRadii) -> Result<RecordBatch> {
+    let mut f: Vec<Field> = b.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut cols: Vec<ArrayRef> = b.columns().to_vec();
+    set_column(&mut f, &mut cols, "importance", Arc::new(Float64Array::from(sc.importance.clone())));
+    let dist: Vec<f64> = sc.prompt.iter().map(|&p| radii.radius[p as usize]).collect();
+    set_column(&mut f, &mut cols, "knn_distance", Arc::new(Float64Array::from(dist)));
+    make_batch(schema.clone(), cols, b.num_rows())
+}
+
+fn check_weights(opts: &FifaOptions) -> Result<()> {
+    if !(opts.alpha.is_finite() && opts.gamma.is_finite()) {
+        return Err(PrepError::Config(format!("alpha and gamma must be finite, got {} and {}", opts.alpha, opts.gamma)));
+    }
+    Ok(())
+}
+
+/// Per-batch part: every row of `pairs` with `importance` and `knn_distance` added, in input
+/// order (the same values as [`fifa`] gives the rows it keeps).
+pub fn score_table(pairs: &Table, radii: &PromptRadii, opts: &FifaOptions) -> Result<Table> {
+    check_weights(opts)?;
+    let source = pairs.source.as_str();
+    let schema = scored_schema(&pairs.schema);
+    let slices = pairs.slices(SLICE_ROWS);
+    let batches = par_map(&slices, resolve_threads(opts.threads), |(first, b)| {
+        let sc = fifa_scores(b, *first, source, radii, opts)?;
+        scored_batch(&schema, b, &sc, radii)
+    })?;
+    Ok(Table { source: pairs.source.clone(), schema, batches })
+}
+
+/// The kept set of [`select_top`] as a rule a batch can apply alone: keep a row when its
+/// (importance, pair id) ranks at or above the last kept row's (higher importance first, then
+/// smaller pair id, null ids first).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Cut {
+    pub importance: f64,
+    pub pair_id: Option<String>,
+}
+
+impl Cut {
+    pub fn keeps(&self, importance: f64, pair_id: Option<&str>) -> bool {
+        match importance.total_cmp(&self.importance) {
+            std::cmp::Ordering::Greater => true,
+            std::cmp::Ordering::Less => false,
+            std::cmp::Ordering::Equal => pair_id.map(str::as_bytes) <= self.pair_id.as_deref().map(str::as_bytes),
+        }
+    }
+}
+
+/// Global part: the cut keeping the `keep` most important rows, ties by pair id, exactly as
+/// [`fifa`] selects them; None when nothing is kept. An error when the cut would split rows
+/// that share both importance and pair id (only input position could tell them apart, and a
+/// batch does not know it).
+pub fn top_cut(importance: &[f64], pair_ids: &StringArray, keep: usize, source: &str) -> Result<Option<Cut>> {
+    let (mask, threshold) = select_top(importance, keep, |a, b| id_key(pair_ids, a).cmp(&id_key(pair_ids, b)));
+    let Some(threshold) = threshold else { return Ok(None) };
+    let last = (0..importance.len())
+        .filter(|&i| mask[i] && importance[i].total_cmp(&threshold).is_eq())
+        .max_by(|&a, &b| id_key(pair_ids, a).cmp(&id_key(pair_ids, b)))
+        .expect("a threshold comes from a kept row");
+    let cut = Cut { importance: threshold, pair_id: id_key(pair_ids, last).map(|b| String::from_utf8_lossy(b).into_owned()) };
+    let same = |i: usize| importance[i].total_cmp(&threshold).is_eq() && id_key(pair_ids, i) == id_key(pair_ids, last);
+    let (tied, kept) = (0..importance.len()).filter(|&i| same(i)).fold((0, 0), |(t, k), i| (t + 1, k + mask[i] as usize));
+    if kept != tied {
+        return Err(PrepError::Config(format!(
+            "{source}: {tied} rows share pair_id {:?} and importance {threshold} and the budget keeps {kept} of them; \
+             filtering batch by batch needs pair ids that tell rows apart (prep writes unique ones)",
+            cut.pair_id.as_deref().unwrap_or("null")
+        )));
+    }
+    Ok(Some(cut))
+}
+
+/// Per-batch part: the rows of `table` (with `importance` and `pair_id`) that `cut` keeps, in
+/// input order; none when `cut` is None.
+pub fn keep_rows(table: &Table, cut: Option<&Cut>, threads: usize) -> Result<Table> {
+    let source = table.source.as_str();
+    let ii = table.column_index("importance", "made by the per-batch FiFA scores")?;
+    let pi = table.column_index("pair_id", "ties in importance are broken by pair id")?;
+    let slices = table.slices(SLICE_ROWS);
+    let batches = par_map(&slices, resolve_threads(threads), |(first, b)| {
+        let imp = numeric_array(b.column(ii), "importance", source, "the FiFA importance")?;
+        let ids = text_array(b.column(pi), "pair_id", source, "ties in importance are broken by pair id")?;
+        if let Some(r) = (0..imp.len()).find(|&r| imp.is_null(r)) {
+            return Err(row_error(source, first + r as u64, "importance", Problem::MissingField, "no importance (null)"));
+        }
+        let mask: BooleanArray =
+            (0..b.num_rows()).map(|r| Some(cut.is_some_and(|c| c.keeps(imp.value(r), (!ids.is_null(r)).then(|| ids.value(r)))))).collect();
+        arrow_select::filter::filter_record_batch(b, &mask).map_err(|e| PrepError::Config(format!("{source}: selecting rows: {e}")))
+    })?;
+    Table::new(table.source.clone(), table.schema.clone(), batches)
 }
 
 /// A pair id for tie-breaking; null ids sort first.
@@ -411,9 +592,7 @@ pub struct FifaStats {
 pub fn fifa(pairs: &Table, embeddings: Option<&Table>, opts: &FifaOptions) -> Result<(Table, FifaStats)> {
     let threads = resolve_threads(opts.threads);
     let opts = &FifaOptions { threads, ..opts.clone() };
-    if !(opts.alpha.is_finite() && opts.gamma.is_finite()) {
-        return Err(PrepError::Config(format!("alpha and gamma must be finite, got {} and {}", opts.alpha, opts.gamma)));
-    }
+    check_weights(opts)?;
     let n = pairs.num_rows();
     let keep = opts.keep.rows(n)?;
     let source = pairs.source.as_str();
@@ -431,7 +610,8 @@ pub fn fifa(pairs: &Table, embeddings: Option<&Table>, opts: &FifaOptions) -> Re
     let knn_seconds = started.elapsed().as_secs_f64();
 
     let slices = pairs.slices(SLICE_ROWS);
-    let scores = par_map(&slices, threads, |(first, b)| fifa_scores(b, *first, source, &emb, &radii, opts))?;
+    let lookup = PromptRadii::new(&emb, &radii);
+    let scores = par_map(&slices, threads, |(first, b)| fifa_scores(b, *first, source, &lookup, opts))?;
     let importance: Vec<f64> = scores.iter().flat_map(|s| s.importance.iter().copied()).collect();
 
     // Ties by pair id when there is one: per-slice id arrays, found by global row.
@@ -459,12 +639,7 @@ pub fn fifa(pairs: &Table, embeddings: Option<&Table>, opts: &FifaOptions) -> Re
     });
 
     // Output: kept rows in input order, with importance and knn_distance.
-    let mut fields: Vec<Field> = pairs.schema.fields().iter().map(|f| f.as_ref().clone()).collect();
-    let mut probe: Vec<ArrayRef> = pairs.schema.fields().iter().map(|f| arrow_array::new_empty_array(f.data_type())).collect();
-    for name in ["importance", "knn_distance"] {
-        set_column(&mut fields, &mut probe, name, Arc::new(Float64Array::from(Vec::<f64>::new())));
-    }
-    let schema = Arc::new(Schema::new_with_metadata(fields.clone(), pairs.schema.metadata().clone()));
+    let schema = scored_schema(&pairs.schema);
     let work: Vec<usize> = (0..slices.len()).collect();
     let batches = par_map(&work, threads, |&s| {
         let (first, b) = &slices[s];
@@ -473,13 +648,7 @@ pub fn fifa(pairs: &Table, embeddings: Option<&Table>, opts: &FifaOptions) -> Re
         if keep_mask.true_count() == 0 {
             return Ok(None);
         }
-        let mut f: Vec<Field> = b.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
-        let mut cols: Vec<ArrayRef> = b.columns().to_vec();
-        let sc = &scores[s];
-        set_column(&mut f, &mut cols, "importance", Arc::new(Float64Array::from(sc.importance.clone())));
-        let dist: Vec<f64> = sc.prompt.iter().map(|&p| radii.radius[p as usize]).collect();
-        set_column(&mut f, &mut cols, "knn_distance", Arc::new(Float64Array::from(dist)));
-        let full = make_batch(schema.clone(), cols, rows)?;
+        let full = scored_batch(&schema, b, &scores[s], &lookup)?;
         arrow_select::filter::filter_record_batch(&full, &keep_mask)
             .map(Some)
             .map_err(|e| PrepError::Config(format!("{source}: selecting rows: {e}")))
@@ -614,5 +783,36 @@ mod tests {
         assert!(e.to_string().contains("row 1, field 'prompt_id': prompt 'a' has a second embedding"), "{e}");
         let e = fifa(&pairs(&[("a", "p", 1.0)], 2), Some(&emb), &FifaOptions { k: 3, ..opts.clone() }).unwrap_err();
         assert!(e.to_string().contains("need at least 4 prompts with embeddings, got 3"), "{e}");
+    }
+
+    #[test]
+    fn split_path_keeps_the_same_rows_as_the_whole_step() {
+        let emb = embeddings(&["a", "b", "c", "d"], &[[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [7.0, 0.0]]);
+        // Ties at importance 1 (p0, p1, p5) straddle the budget of 2 and batch boundaries.
+        let rows = [("a", "p1", 1.0), ("b", "p2", 0.5), ("c", "p3", 0.0), ("d", "p4", -1.0), ("a", "p0", 1.0), ("a", "p5", 1.0)];
+        let opts = FifaOptions { k: 1, metric: Metric::L2, keep: Keep::Count(2), threads: 1, ..Default::default() };
+        let (whole, _) = fifa(&pairs(&rows, 6), Some(&emb), &opts).unwrap();
+
+        let pe = PromptEmbeddings::from_table(&emb, "embedding", opts.metric).unwrap();
+        let radii = PromptRadii::from_table(&radii_table(&pe, &prompt_radii(&pe, &opts).unwrap()).unwrap()).unwrap();
+        let parts: Vec<Table> = [&rows[..2], &rows[2..5], &rows[5..]]
+            .iter()
+            .map(|part| score_table(&pairs(part, 1), &radii, &opts).unwrap())
+            .collect();
+        let importance: Vec<f64> = parts.iter().flat_map(|t| column(t, "importance")).collect();
+        let ids = StringArray::from(rows.iter().map(|r| r.1).collect::<Vec<_>>());
+        let cut = top_cut(&importance, &ids, 2, "scores").unwrap();
+        assert_eq!(cut, Some(Cut { importance: 1.0, pair_id: Some("p1".into()) }));
+        let kept: Vec<Table> = parts.iter().map(|t| keep_rows(t, cut.as_ref(), 1).unwrap()).collect();
+        let kept_imp: Vec<f64> = kept.iter().flat_map(|t| column(t, "importance")).collect();
+        assert_eq!(kept_imp, column(&whole, "importance"));
+        assert_eq!(kept.iter().flat_map(|t| column(t, "knn_distance")).collect::<Vec<_>>(), column(&whole, "knn_distance"));
+        assert_eq!(top_cut(&importance, &ids, 0, "scores").unwrap(), None);
+        assert_eq!(keep_rows(&parts[0], None, 1).unwrap().num_rows(), 0);
+
+        // Two rows with the same pair id and importance on both sides of the budget: an error.
+        let dup = StringArray::from(vec!["x", "x", "y"]);
+        let e = top_cut(&[1.0, 1.0, 0.0], &dup, 1, "scores").unwrap_err();
+        assert!(e.to_string().contains("2 rows share pair_id \"x\""), "{e}");
     }
 }

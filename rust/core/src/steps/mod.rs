@@ -252,7 +252,7 @@ fn negate(a: &ArrayRef) -> ArrayRef {
 
 /// A column as Float64 for reading numbers (integers, floats, decimals); an error naming the
 /// column when it is not numeric.
-pub(crate) fn numeric_array(col: &ArrayRef, name: &str, source: &str, purpose: &str) -> Result<Float64Array> {
+pub fn numeric_array(col: &ArrayRef, name: &str, source: &str, purpose: &str) -> Result<Float64Array> {
     let ok = col.data_type().is_numeric() || matches!(col.data_type(), DataType::Null);
     if !ok {
         return Err(column_error(source, format!("column '{name}' is {}; {purpose} needs a numeric column", col.data_type())));
@@ -262,7 +262,7 @@ pub(crate) fn numeric_array(col: &ArrayRef, name: &str, source: &str, purpose: &
 }
 
 /// A column as Utf8 text (ids); integer ids are written in decimal.
-pub(crate) fn text_array(col: &ArrayRef, name: &str, source: &str, purpose: &str) -> Result<StringArray> {
+pub fn text_array(col: &ArrayRef, name: &str, source: &str, purpose: &str) -> Result<StringArray> {
     let ok = matches!(
         col.data_type(),
         DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View | DataType::Null | DataType::Dictionary(..)
