@@ -30,6 +30,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Tuple
 
 from prefops import _native
+from prefops.steps import _threads
 
 __all__ = [
     "Step", "Prep", "Lists", "FlipLabels", "RewardAugment", "CurriculumScores", "ApplyCurriculum",
@@ -62,12 +63,6 @@ def _table(data: Any):
     elif type(data).__module__.startswith("pandas"):
         hint = " (Ray: map_batches(..., batch_format='pyarrow'))"
     raise TypeError(f"process() takes an Arrow table or record batch, got {type(data).__name__}{hint}")
-
-
-def _threads(threads: Optional[int]) -> int:
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
-    return threads or 0
 
 
 class Step:
