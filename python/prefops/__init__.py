@@ -6,7 +6,7 @@ else (no torch, no triton, no GPU probing).
 
 from prefops._native import DataError
 from prefops.data import FORMATS, STRATEGIES, THREADS_ENV, PrepResult, prep, sample_path
-from prefops.steps import StepResult, convert, curriculum, flip_labels, reward_augment
+from prefops.steps import StepResult, convert, curriculum, flip_labels, reward_augment, tokenize_pairs
 from prefops.lists import ListResult, ListTensors, list_tensors, lists
 from prefops.fifa import fifa_filter, knn_entropy, knn_radius, knn_search
 
@@ -29,6 +29,7 @@ __all__ = [
     "curriculum",
     "flip_labels",
     "reward_augment",
+    "tokenize_pairs",
     "convert",
     "ListResult",
     "ListTensors",

@@ -4,6 +4,8 @@
     prefops curriculum PAIRS -o OUTPUT       Curry-DPO easy->hard order / per-prompt stages
     prefops flip PAIRS -o OUTPUT             swap chosen/rejected: F-DPO labels, reward model, random rate
     prefops augment PAIRS -o OUTPUT          reward-augmented relabeling (each pair twice, score in the prompt)
+    prefops tokenize PAIRS -o OUTPUT --tokenizer tokenizer.json
+                                             token ids, completion masks, LD-DPO shared lengths, TAB-PO diff masks
     prefops lists INPUT -o OUTPUT [options]  rated data -> one ranked list per prompt (LiPO / RankDPO)
     prefops fifa PAIRS -o OUTPUT             FiFA filtering: top pairs by margin + quality + kNN prompt sparsity
     prefops demo [--out DIR] [--prep-only]   prep the bundled samples, then train a tiny LM (DPO) and a
@@ -23,7 +25,7 @@ from typing import Optional, Sequence
 
 from prefops import _native
 from prefops.data import FORMATS, STRATEGIES, THREADS_ENV, prep, sample_path
-from prefops.steps import TEMPLATES, StepResult, convert, curriculum, flip_labels, reward_augment
+from prefops.steps import TEMPLATES, StepResult, convert, curriculum, flip_labels, reward_augment, tokenize_pairs
 from prefops.lists import LABELS, TRUNCATE, lists
 from prefops.fifa import KNN_MODES, METRICS, fifa_filter
 
@@ -212,6 +214,28 @@ def _add_step_parsers(sub) -> None:
                    default=["score_chosen", "score_rejected"],
                    help="where the two scores come from (default score_chosen score_rejected)")
 
+    t = sub.add_parser(
+        "tokenize",
+        help="token ids, completion masks, LD-DPO shared lengths and TAB-PO differing-token masks",
+        description="Tokenize text prompt/chosen/rejected columns with a local tokenizer.json (nothing is "
+        "downloaded). Adds prompt_ids, chosen_ids, rejected_ids (int32 lists, what TRL's "
+        "DataCollatorForPreference takes), chosen/rejected_completion_mask (int8, aligned with prompt_ids + "
+        "completion ids), shared_length (LD-DPO: min of the two completion lengths) and "
+        "chosen/rejected_diff_mask (TAB-PO: 1 where the aligned completion tokens differ). The prompt gets the "
+        "tokenizer's special tokens (e.g. BOS), each completion the EOS token.",
+    )
+    _step_common(t)
+    t.add_argument("--tokenizer", type=Path, required=True, help="a local tokenizer.json (Hugging Face tokenizers)")
+    eos = t.add_mutually_exclusive_group()
+    eos.add_argument("--eos-token", default="auto",
+                     help="token appended to each completion; default auto: eos_token of the tokenizer_config.json "
+                          "beside the tokenizer, none without one")
+    eos.add_argument("--no-eos", action="store_true", help="append no EOS token")
+    t.add_argument("--no-special-tokens", action="store_true",
+                   help="encode the prompt without the tokenizer's special tokens (no BOS)")
+    t.add_argument("--max-prompt-length", type=_positive_int, help="keep the last N prompt tokens")
+    t.add_argument("--max-completion-length", type=_positive_int, help="keep the first N tokens of each completion")
+
     v = sub.add_parser(
         "convert",
         help="rewrite a table as .jsonl, .jsonl.gz or .parquet, every column kept",
@@ -320,6 +344,14 @@ def _run_augment(args: argparse.Namespace) -> int:
     template = args.template_file.read_text(encoding="utf-8") if args.template_file else args.template
     result = reward_augment(args.input, args.output, template=template, score_columns=args.score_columns,
                             threads=args.threads)
+    return _finish_step(args, result)
+
+
+def _run_tokenize(args: argparse.Namespace) -> int:
+    result = tokenize_pairs(args.input, args.tokenizer, output=args.output, add_special_tokens=not args.no_special_tokens,
+                            eos_token=None if args.no_eos else args.eos_token,
+                            max_prompt_length=args.max_prompt_length,
+                            max_completion_length=args.max_completion_length, threads=args.threads)
     return _finish_step(args, result)
 
 
@@ -434,6 +466,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _run_flip(args, parser)
         if args.command == "augment":
             return _run_augment(args)
+        if args.command == "tokenize":
+            return _run_tokenize(args)
         if args.command == "convert":
             return _finish_step(args, convert(args.input, args.output, threads=args.threads))
         if args.command == "lists":

@@ -1,6 +1,6 @@
 """Chainable steps over the pairs table that ``prefops.prep`` makes: curriculum order
 (Curry-DPO), label flipping (F-DPO, reward disagreement, seeded random), reward-augmented
-relabeling, and format conversion. Each takes a pairs table (a path, any Arrow table or stream, or a previous result)
+relabeling, token-level preparation, and format conversion. Each takes a pairs table (a path, any Arrow table or stream, or a previous result)
 and gives a new ``pyarrow.Table`` or writes JSONL/Parquet atomically; the work runs in Rust with
 the GIL released and is deterministic for a seed, whatever the batching or thread count.
 
@@ -85,6 +85,15 @@ class StepResult:
             lines.append(f"  rows in          {s['rows_in']:>10,}   rows out {s['rows_out']:,}"
                          + (f", equal scores {s['equal_scores']:,}" if s["equal_scores"] else ""))
             lines.append(f"  scores from      {s['score_columns'][0]}, {s['score_columns'][1]}")
+        elif self.step == "tokenize":
+            lines.append(f"  rows             {s['rows']:>10,}   tokens {s['tokens']:,}   "
+                         f"EOS {s['eos_token']!r} ({s['eos_from']})")
+            lines.append(f"  mean length      prompt {s['mean_prompt_length']:.1f}  chosen {s['mean_chosen_length']:.1f}  "
+                         f"rejected {s['mean_rejected_length']:.1f}  shared {s['mean_shared_length']:.1f}")
+            lines.append(f"  truncated        prompts {s['truncated_prompts']:,}  chosen {s['truncated_chosen']:,}  "
+                         f"rejected {s['truncated_rejected']:,}")
+            lines.append(f"  differing        {s['differing_shared_tokens']:,} of {s['shared_tokens']:,} "
+                         "aligned tokens within the shared length")
         elif self.step == "convert":
             lines.append(f"  rows             {s['rows']:>10,}   columns {len(s['columns'])}")
         elif self.step == "fifa":
@@ -271,6 +280,71 @@ def reward_augment(
         None if output is None else Path(output),
         template=text,
         score_columns=_pair(score_columns, "score_columns"),
+        threads=_threads(threads),
+    )
+    return _result(table, report)
+
+
+def tokenize_pairs(
+    source: Source,
+    tokenizer: Union[str, os.PathLike],
+    *,
+    output: Union[str, os.PathLike, None] = None,
+    add_special_tokens: bool = True,
+    eos_token: Optional[str] = "auto",
+    max_prompt_length: Optional[int] = None,
+    max_completion_length: Optional[int] = None,
+    threads: Optional[int] = None,
+) -> StepResult:
+    """Token ids, completion masks, LD-DPO shared lengths and TAB-PO differing-token masks.
+
+    ``tokenizer`` is a local ``tokenizer.json`` (Hugging Face tokenizers format; nothing is
+    downloaded); ``output`` a .jsonl/.jsonl.gz/.parquet path, or None for a table. The table needs text ``prompt``/``chosen``/``rejected`` columns (conversations:
+    apply the model's chat template first). Encoding, as TRL does for text:
+
+    - ``prompt_ids``: the prompt with the tokenizer's post-processor special tokens when
+      ``add_special_tokens`` (BOS for Llama-style tokenizers), cut to its last
+      ``max_prompt_length`` tokens;
+    - ``chosen_ids``/``rejected_ids``: the completion without special tokens, the EOS id appended
+      (unless it already ends with it), cut to its first ``max_completion_length`` tokens.
+
+    Per pair, on the final ids (``P``, ``C``, ``R`` their lengths): ``chosen_completion_mask``
+    (``P + C`` int8, aligned with ``prompt_ids + chosen_ids``: 0 on the prompt, 1 on the
+    completion) and its rejected twin; ``shared_length`` = min(C, R), LD-DPO's l_p;
+    ``chosen_diff_mask``/``rejected_diff_mask`` (same alignment): 1 on completion index k when
+    the other completion has no token k or a different one, else 0 (TAB-PO's raw weights are
+    ``completion_mask + (1.2 − 1)·diff_mask``). ``prompt_ids``/``chosen_ids``/``rejected_ids`` are
+    what TRL's ``DataCollatorForPreference`` takes; ``prefops.losses.tokenized_pair_batch``
+    pads a batch of rows into the losses' ``[2B, T]`` tensors.
+
+    Args:
+        eos_token: ``"auto"`` (default): the ``eos_token`` of the ``tokenizer_config.json``
+            beside the tokenizer file, none if there is no such file; None: no EOS; else the
+            token itself (it must be in the vocabulary).
+        max_prompt_length / max_completion_length: token limits (None: no limit).
+
+    A completion that encodes to no tokens (empty text and no EOS) is an error naming its row.
+    Columns of the same names are replaced. ``stats``: rows, tokens, truncation counts, mean
+    lengths.
+    """
+    for name, v in (("max_prompt_length", max_prompt_length), ("max_completion_length", max_completion_length)):
+        if v is not None and (isinstance(v, bool) or int(v) < 1):
+            raise ValueError(f"{name} must be >= 1 or None, got {v!r}")
+    if eos_token == "auto":
+        eos, token = "auto", None
+    elif eos_token is None:
+        eos, token = "off", None
+    else:
+        eos, token = "token", str(eos_token)
+    table, report = _native.tokenize(
+        _step_source(source),
+        None if output is None else Path(output),
+        tokenizer=Path(tokenizer),
+        add_special_tokens=bool(add_special_tokens),
+        eos=eos,
+        eos_token=token,
+        max_prompt_length=None if max_prompt_length is None else int(max_prompt_length),
+        max_completion_length=None if max_completion_length is None else int(max_completion_length),
         threads=_threads(threads),
     )
     return _result(table, report)

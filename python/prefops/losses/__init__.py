@@ -14,7 +14,8 @@ from prefops.losses.diffusion import diffusion_dpo_loss, diffusion_kto_loss, dif
 from prefops.losses.fused import dpo_loss_from_hidden, simpo_loss_from_hidden, tabpo_loss_from_hidden
 from prefops.losses.pairwise import F_DIVERGENCES, LOSS_TYPES, dpo_loss, madpo_weights, preference_metrics, simpo_loss
 from prefops.losses.token_weights import (
-    ld_dpo_weights, tabpo_diff_weights, tgdpo_token_weights, weighted_sequence_logps, wpo_pair_weights,
+    ld_dpo_weights, tabpo_diff_weights, tgdpo_token_weights, tokenized_pair_batch, weighted_sequence_logps,
+    wpo_pair_weights,
 )
 
 __all__ = [
@@ -22,6 +23,6 @@ __all__ = [
     "BCOLoss", "LISTWISE_LOSS_TYPES", "RunningMean", "bco_loss", "kto_loss", "listwise_loss", "pad_lists",
     "F_DIVERGENCES", "LOSS_TYPES", "dpo_loss", "dpo_loss_from_hidden", "ld_dpo_weights", "madpo_weights",
     "preference_metrics", "simpo_loss", "simpo_loss_from_hidden", "tabpo_diff_weights", "tabpo_loss_from_hidden", "tgdpo_token_weights", "weighted_sequence_logps",
-    "wpo_pair_weights",
+    "wpo_pair_weights", "tokenized_pair_batch",
     "diffusion_dpo_loss", "diffusion_kto_loss", "diffusion_mse", "rank_dpo_loss", "smpo_loss",
 ]

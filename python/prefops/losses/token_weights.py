@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ld_dpo_weights", "tabpo_diff_weights", "tgdpo_token_weights", "wpo_pair_weights", "weighted_sequence_logps"]
+__all__ = ["ld_dpo_weights", "tabpo_diff_weights", "tgdpo_token_weights", "wpo_pair_weights", "weighted_sequence_logps",
+           "tokenized_pair_batch"]
 
 
 def _halves(x: torch.Tensor):
@@ -82,3 +83,45 @@ def tgdpo_token_weights(reward_token_logps: torch.Tensor, ref_token_logps: torch
     rc, rr = _halves(r_hat)
     w = torch.cat([1 + alpha * beta * rc, 1 - alpha * beta * rr], dim=0)
     return w * mask.to(w.dtype)
+
+
+def tokenized_pair_batch(rows, *, pad_token_id: int = 0, ignore_index: int = -100,
+                         diff_factor: float = 1.2) -> dict:
+    """Pad rows of ``prefops.tokenize_pairs`` (a pyarrow Table or a list of dicts) into the
+    fused losses' batch: rows [0, B) chosen, [B, 2B) rejected, right-padded to one length T.
+
+    Returns ``input_ids``, ``attention_mask``, ``completion_mask`` [2B, T] (TRL's collator
+    layout); ``targets`` [2B, T−1] = ``input_ids[:, 1:]`` with ``ignore_index`` off the
+    completion (the hidden state at position t predicts token t+1, so pass ``hidden[:, :-1]``);
+    ``diff_mask`` [2B, T−1] aligned with ``targets``; ``token_weights`` [2B, T−1] = TAB-PO's raw
+    weights, 1 on completion targets and ``diff_factor`` where the aligned chosen/rejected
+    tokens differ; ``shared_length`` [B] (LD-DPO's l_p)."""
+    if hasattr(rows, "to_pylist"):
+        rows = rows.to_pylist()
+    seqs, completion, diff = [], [], []
+    for side in ("chosen", "rejected"):
+        for r in rows:
+            seqs.append(list(r["prompt_ids"]) + list(r[f"{side}_ids"]))
+            completion.append(list(r[f"{side}_completion_mask"]))
+            diff.append(list(r[f"{side}_diff_mask"]))
+    T = max((len(s) for s in seqs), default=0)
+
+    def pad(lists, value):
+        return torch.tensor([x + [value] * (T - len(x)) for x in lists], dtype=torch.long).reshape(len(lists), T)
+
+    input_ids = pad(seqs, pad_token_id)
+    attention = pad([[1] * len(s) for s in seqs], 0)
+    completion_mask = pad(completion, 0)
+    diff_mask = pad(diff, 0)[:, 1:]
+    target_mask = completion_mask[:, 1:].bool()
+    targets = input_ids[:, 1:].masked_fill(~target_mask, ignore_index)
+    weights = target_mask.to(torch.float32) * (1.0 + (diff_factor - 1.0) * diff_mask.to(torch.float32))
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "completion_mask": completion_mask,
+        "targets": targets,
+        "diff_mask": diff_mask,
+        "token_weights": weights,
+        "shared_length": torch.tensor([int(r["shared_length"]) for r in rows], dtype=torch.long),
+    }

@@ -15,7 +15,7 @@ use pyo3_arrow::PyTable;
 use pyo3_arrow::PyArray;
 use arrow_array::Array as _;
 
-use prefops_core::steps::{self, augment, curriculum as cur, flip, Table};
+use prefops_core::steps::{self, augment, curriculum as cur, flip, tokenize as tok, Table};
 use prefops_core::knn as knn_core;
 use prefops_core::steps::fifa as fifa_core;
 use prefops_core::{
@@ -432,6 +432,40 @@ fn reward_augment<'py>(
     step_result(py, "augment", table, &files, threads, seconds, stats)
 }
 
+/// Token ids, completion masks, LD-DPO shared lengths and TAB-PO differing-token masks from a
+/// local tokenizer.json. `eos`: "auto" (tokenizer_config.json beside it), "off", or "token"
+/// with `eos_token`. Returns (table or None, report JSON).
+#[pyfunction]
+#[pyo3(signature = (source, output=None, *, tokenizer, add_special_tokens=true, eos="auto", eos_token=None,
+                    max_prompt_length=None, max_completion_length=None, threads=0))]
+#[allow(clippy::too_many_arguments)]
+fn tokenize<'py>(
+    py: Python<'py>,
+    source: &Bound<'py, PyAny>,
+    output: Option<PathBuf>,
+    tokenizer: PathBuf,
+    add_special_tokens: bool,
+    eos: &str,
+    eos_token: Option<String>,
+    max_prompt_length: Option<usize>,
+    max_completion_length: Option<usize>,
+    threads: usize,
+) -> PyResult<(Option<Bound<'py, PyAny>>, String)> {
+    let eos = match (eos, eos_token) {
+        ("auto", None) => tok::Eos::Auto,
+        ("off", None) => tok::Eos::Off,
+        ("token", Some(t)) => tok::Eos::Token(t),
+        (mode, t) => return Err(PyValueError::new_err(format!("bad EOS choice: {mode} with token {t:?}"))),
+    };
+    let opts = tok::TokenizeOptions { add_special_tokens, eos, max_prompt_length, max_completion_length, threads, ..tok::TokenizeOptions::new(tokenizer) };
+    let (table, files, threads, seconds, stats) = run_step(py, source, threads, move |t, threads| {
+        let (out, stats) = tok::tokenize_pairs(&t, &tok::TokenizeOptions { threads, ..opts })?;
+        let files = output.map(|p| vec![(p, out.clone())]).unwrap_or_default();
+        Ok((out, files, to_json(&stats)))
+    })?;
+    step_result(py, "tokenize", table, &files, threads, seconds, stats)
+}
+
 /// Rewrite a table as JSONL / JSONL.gz / Parquet, every column kept. Returns (table or None,
 /// report JSON).
 #[pyfunction]
@@ -712,6 +746,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(curriculum, m)?)?;
     m.add_function(wrap_pyfunction!(flip_labels, m)?)?;
     m.add_function(wrap_pyfunction!(reward_augment, m)?)?;
+    m.add_function(wrap_pyfunction!(tokenize, m)?)?;
     m.add_function(wrap_pyfunction!(format_score, m)?)?;
     m.add_function(wrap_pyfunction!(convert, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;

@@ -4,7 +4,8 @@
 //! - [`curriculum`]: Curry-DPO easy→hard order and the iterative per-prompt stage schedule;
 //! - [`flip`]: F-DPO factuality flips, reward-model disagreement flips, seeded random flips;
 //! - [`augment`]: reward-augmented relabeling (each pair twice, prompt conditioned on a score);
-//! - [`fifa`]: FiFA filtering (top pairs by margin + quality + kNN prompt sparsity).
+//! - [`fifa`]: FiFA filtering (top pairs by margin + quality + kNN prompt sparsity);
+//! - [`tokenize`]: token ids, completion masks, LD-DPO shared lengths, TAB-PO differing tokens.
 //!
 //! Every decision depends only on a row's own values (and the seed), never on batch boundaries
 //! or the thread count; work is split into slices of at most [`SLICE_ROWS`] rows and run on
@@ -15,6 +16,7 @@ pub mod cancel;
 pub mod curriculum;
 pub mod flip;
 pub mod table;
+pub mod tokenize;
 pub mod fifa;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
