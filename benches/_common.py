@@ -1,11 +1,28 @@
-"""What every benchmark script shares: the CPU's name for the results, and writing the CSV."""
+"""What every benchmark script shares: timing a call, the CPU's name for the results, and writing
+the CSV."""
 
 from __future__ import annotations
 
 import csv
+import gc
 import platform
+import statistics
+import time
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
+
+
+def timed(fn: Callable, repeats: int, *args):
+    """Median wall time of `repeats` calls of fn(*args), garbage collected before each (the
+    previous output dropped first), and the last call's output."""
+    times, out = [], None
+    for _ in range(repeats):
+        out = None
+        gc.collect()
+        t0 = time.perf_counter()
+        out = fn(*args)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
 
 
 def cpu_model() -> str:

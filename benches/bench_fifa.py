@@ -35,15 +35,12 @@ Appends to benches/results/fifa_cpu.csv (--out), one row per case and contender.
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
-from _common import cpu_model, write_csv
+from _common import cpu_model, timed, write_csv
 
 import numpy as np
 
@@ -80,17 +77,6 @@ def numpy_radius(x: np.ndarray, k: int, metric: str) -> np.ndarray:
 def numpy_gemm_only(x: np.ndarray) -> None:
     for s in range(0, len(x), BLOCK):
         x[s:s + BLOCK] @ x.T
-
-
-def timed(fn, repeats):
-    times, out = [], None
-    for _ in range(repeats):
-        out = None
-        gc.collect()
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def step_input(n_pairs: int, n_prompts: int, dim: int, seed: int):

@@ -20,14 +20,12 @@ Writes benches/results/lists_cpu.csv (prompts/s medians and ratios).
 from __future__ import annotations
 
 import argparse
-import gc
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
-from _common import cpu_model, write_csv
+from _common import cpu_model, timed, write_csv
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -147,17 +145,6 @@ def polars_lists(pl, df, list_size):
     return q.collect()
 
 
-def timed(fn, arg, repeats):
-    times, out = [], None
-    for _ in range(repeats):
-        out = None
-        gc.collect()
-        t0 = time.perf_counter()
-        out = fn(arg)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=1_000_000, help="prompts in the generated input (default 1,000,000)")
@@ -198,11 +185,11 @@ def main(argv=None):
         k = CASES[case]
         print(f"\n== {case} (list_size={k})", flush=True)
         ours = lambda t: prefops.lists(t, list_size=k, threads=args.threads).table  # noqa: E731
-        t_ours, out = timed(ours, table, args.repeats)
+        t_ours, out = timed(ours, args.repeats, table)
         rec = {"ours": (t_ours, args.n / t_ours, out.num_rows)}
         print(f"  prefops  {t_ours:8.3f} s  {args.n / t_ours:>12,.0f} prompts/s  -> {out.num_rows:,} lists", flush=True)
 
-        t_pl, out_pl = timed(lambda d: polars_lists(pl, d, k), df, args.repeats)
+        t_pl, out_pl = timed(lambda d: polars_lists(pl, d, k), args.repeats, df)
         keys = ["prompt", "labels", "gains", "list_size"] + (["responses", "scores", "models"] if k is None else [])
         got = out_pl.select(keys).to_arrow()
         verified_pl = out_pl.height == out.num_rows and all(
@@ -212,7 +199,7 @@ def main(argv=None):
         del out_pl, got
 
         if records is not None:
-            t_py, out_py = timed(lambda r: python_lists(r, k), records, args.python_repeats)
+            t_py, out_py = timed(lambda r: python_lists(r, k), args.python_repeats, records)
             mine = out if py_n == args.n else prefops.lists(table.slice(0, py_n), list_size=k).table
             cols = list(out_py[0]) if out_py else []
             verified_py = mine.select(cols).to_pylist() == out_py

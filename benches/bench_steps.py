@@ -18,14 +18,12 @@ Writes benches/results/steps_cpu.csv (rows/s medians and ratios).
 from __future__ import annotations
 
 import argparse
-import gc
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
-from _common import cpu_model, write_csv
+from _common import cpu_model, timed, write_csv
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -147,17 +145,6 @@ def python_cases(ref):
     }
 
 
-def timed(fn, arg, repeats):
-    times, out = [], None
-    for _ in range(repeats):
-        out = None
-        gc.collect()
-        t0 = time.perf_counter()
-        out = fn(arg)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=1_000_000, help="pairs in the generated table (default 1,000,000)")
@@ -197,12 +184,12 @@ def main(argv=None):
     results = []
     for case in cases:
         print(f"\n== {case}", flush=True)
-        t_ours, out = timed(ours[case], table, args.repeats)
+        t_ours, out = timed(ours[case], args.repeats, table)
         rps_ours = table.num_rows / t_ours
         print(f"  prefops  {t_ours:8.3f} s  {rps_ours:>12,.0f} rows/s  -> {out.num_rows:,} rows", flush=True)
         rec = {"ours": (t_ours, rps_ours, out.num_rows)}
 
-        t_pl, out_pl = timed(theirs[case], df, args.repeats)
+        t_pl, out_pl = timed(theirs[case], args.repeats, df)
         rps_pl = table.num_rows / t_pl
         if case == "flip_random":
             verified_pl = "n/a (polars hash)"
@@ -215,7 +202,7 @@ def main(argv=None):
         del out_pl
 
         if rows is not None:
-            t_py, out_py = timed(plain[case], rows, args.python_repeats)
+            t_py, out_py = timed(plain[case], args.python_repeats, rows)
             rps_py = py_n / t_py
             mine = out if py_n == args.rows else ours[case](table.slice(0, py_n))
             verified_py = mine.to_pylist() == out_py

@@ -18,14 +18,11 @@ Writes benches/results/tokenize_cpu.csv (pairs/s medians and ratios).
 from __future__ import annotations
 
 import argparse
-import gc
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
-from _common import cpu_model, write_csv
+from _common import cpu_model, timed, write_csv
 
 HERE = Path(__file__).resolve().parent
 CSV_COLUMNS = ["contender", "pairs", "median_s", "pairs_per_s", "speedup_of_prefops", "verified", "threads",
@@ -106,17 +103,6 @@ def trl_path(table, path: Path):
     args = SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
     stub = SimpleNamespace(_tokenizer=tok, _is_vision_dataset=False)
     return DPOTrainer._prepare_dataset(stub, ds, tok, args, "train")
-
-
-def timed(fn, repeats):
-    times, out = [], None
-    for _ in range(repeats):
-        out = None
-        gc.collect()
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Tuple
 
 from prefops import _native
+from prefops.fifa import _check_keep
 from prefops.steps import _threads
 
 __all__ = [
@@ -391,12 +392,7 @@ def fifa_cut(scores: Any, *, keep_count: Optional[int] = None, keep_fraction: Op
     scored batch (a table, or a list of them), the cut that keeps the ``keep_count`` (or
     round(``keep_fraction`` · rows)) most important rows, ties by pair id, exactly as
     ``fifa_filter`` keeps them. Pass it to ``FifaKeep(cut=...)``."""
-    if (keep_count is None) == (keep_fraction is None):
-        raise ValueError("give exactly one of keep_count and keep_fraction")
-    if keep_count is not None and keep_count < 0:
-        raise ValueError(f"keep_count must be >= 0, got {keep_count}")
-    if keep_fraction is not None and not 0.0 <= float(keep_fraction) <= 1.0:
-        raise ValueError(f"keep_fraction must be in [0, 1], got {keep_fraction}")
+    _check_keep(keep_count, keep_fraction)
     table = _collected(scores, ("importance", "pair_id"), "fifa_cut")
     report = json.loads(_native.fifa_cut(
         table,

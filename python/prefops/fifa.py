@@ -97,6 +97,16 @@ def knn_entropy(matrix: Any, k: int = 3, *, threads: Optional[int] = None) -> fl
     return _native.knn_entropy(_matrix_array(matrix), int(k), threads=_threads(threads))
 
 
+def _check_keep(keep_count: Optional[int], keep_fraction: Optional[float]) -> None:
+    """Exactly one budget: a count >= 0 or a fraction in [0, 1]."""
+    if (keep_count is None) == (keep_fraction is None):
+        raise ValueError("give exactly one of keep_count and keep_fraction")
+    if keep_count is not None and keep_count < 0:
+        raise ValueError(f"keep_count must be >= 0, got {keep_count}")
+    if keep_fraction is not None and not 0.0 <= float(keep_fraction) <= 1.0:
+        raise ValueError(f"keep_fraction must be in [0, 1], got {keep_fraction}")
+
+
 def _embeddings_source(embeddings: Any, prompt_ids: Optional[Sequence[Any]], embedding_column: str) -> Any:
     """A path or Arrow table as is; a numpy matrix (with ``prompt_ids``) as an Arrow table."""
     if embeddings is None or isinstance(embeddings, (str, os.PathLike)):
@@ -166,12 +176,7 @@ def fifa_filter(
     Kept rows come in input order with ``importance`` and ``knn_distance`` (rho_k, not
     floored) added. Ties in importance are broken by ``pair_id``, then input position.
     """
-    if (keep_count is None) == (keep_fraction is None):
-        raise ValueError("give exactly one of keep_count and keep_fraction")
-    if keep_count is not None and keep_count < 0:
-        raise ValueError(f"keep_count must be >= 0, got {keep_count}")
-    if keep_fraction is not None and not 0.0 <= float(keep_fraction) <= 1.0:
-        raise ValueError(f"keep_fraction must be in [0, 1], got {keep_fraction}")
+    _check_keep(keep_count, keep_fraction)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if metric not in METRICS:
