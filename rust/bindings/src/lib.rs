@@ -323,6 +323,11 @@ fn run_step(
     Ok((table, files, threads, start.elapsed().as_secs_f64(), stats))
 }
 
+/// The step's one output file, when a path was given (else the table goes back to Python).
+fn one_file(output: Option<PathBuf>, table: &Table) -> Vec<(PathBuf, Table)> {
+    output.map(|p| vec![(p, table.clone())]).unwrap_or_default()
+}
+
 fn to_json<T: serde::Serialize>(v: &T) -> serde_json::Value {
     serde_json::to_value(v).expect("stats serialise")
 }
@@ -398,7 +403,7 @@ fn flip_labels<'py>(
             threads,
         };
         let (out, stats) = flip::flip_labels(&t, &opts)?;
-        let files = output.map(|p| vec![(p, out.clone())]).unwrap_or_default();
+        let files = one_file(output, &out);
         Ok((out, files, to_json(&stats)))
     })?;
     step_result(py, "flip", table, &files, threads, seconds, stats)
@@ -426,7 +431,7 @@ fn reward_augment<'py>(
     }
     let (table, files, threads, seconds, stats) = run_step(py, source, threads, move |t, threads| {
         let (out, stats) = augment::reward_augment(&t, &augment::AugmentOptions { threads, ..opts })?;
-        let files = output.map(|p| vec![(p, out.clone())]).unwrap_or_default();
+        let files = one_file(output, &out);
         Ok((out, files, to_json(&stats)))
     })?;
     step_result(py, "augment", table, &files, threads, seconds, stats)
@@ -460,7 +465,7 @@ fn tokenize<'py>(
     let opts = tok::TokenizeOptions { add_special_tokens, eos, max_prompt_length, max_completion_length, threads, ..tok::TokenizeOptions::new(tokenizer) };
     let (table, files, threads, seconds, stats) = run_step(py, source, threads, move |t, threads| {
         let (out, stats) = tok::tokenize_pairs(&t, &tok::TokenizeOptions { threads, ..opts })?;
-        let files = output.map(|p| vec![(p, out.clone())]).unwrap_or_default();
+        let files = one_file(output, &out);
         Ok((out, files, to_json(&stats)))
     })?;
     step_result(py, "tokenize", table, &files, threads, seconds, stats)
@@ -478,7 +483,7 @@ fn convert<'py>(
 ) -> PyResult<(Option<Bound<'py, PyAny>>, String)> {
     let (table, files, threads, seconds, stats) = run_step(py, source, threads, move |t, _| {
         let stats = to_json(&steps::TableStats::of(&t));
-        let files = output.map(|p| vec![(p, t.clone())]).unwrap_or_default();
+        let files = one_file(output, &t);
         Ok((t, files, stats))
     })?;
     step_result(py, "convert", table, &files, threads, seconds, stats)
@@ -549,7 +554,7 @@ fn fifa<'py>(
     let (table, files, threads, seconds, stats) = run_step(py, source, threads, move |t, threads| {
         let emb = embeddings.map(|e| load(e, threads)).transpose()?;
         let (out, stats) = fifa_core::fifa(&t, emb.as_ref(), &fifa_core::FifaOptions { threads, ..opts })?;
-        let files = output.map(|p| vec![(p, out.clone())]).unwrap_or_default();
+        let files = one_file(output, &out);
         Ok((out, files, to_json(&stats)))
     })?;
     step_result(py, "fifa", table, &files, threads, seconds, stats)
