@@ -480,7 +480,10 @@ pub struct PairBatchBuilder<'a> {
     rejected_model: StringBuilder,
     chosen_hallucinated: BooleanBuilder,
     rejected_hallucinated: BooleanBuilder,
+    /// The other columns, once per group; `extra_row` says which group each pair came from, so
+    /// they are typed and built per group and then repeated (not cloned per pair).
     extra: Vec<Value<'a>>,
+    extra_row: Vec<u32>,
     any_extra: bool,
 }
 
@@ -505,11 +508,18 @@ impl<'a> PairBatchBuilder<'a> {
             chosen_hallucinated: BooleanBuilder::new(),
             rejected_hallucinated: BooleanBuilder::new(),
             extra: Vec::new(),
+            extra_row: Vec::new(),
             any_extra: false,
         }
     }
 
     pub fn append(&mut self, g: &Group<'a>, pairs: &[Pair]) {
+        if pairs.is_empty() {
+            return;
+        }
+        self.any_extra |= !g.extra.is_empty();
+        let group_row = self.extra.len() as u32;
+        self.extra.push(Value::Object(g.extra.clone()));
         for p in pairs {
             let (c, r) = (&g.responses[p.chosen], &g.responses[p.rejected]);
             self.rows += 1;
@@ -528,8 +538,7 @@ impl<'a> PairBatchBuilder<'a> {
             self.rejected_model.append_option(r.model.as_deref());
             self.chosen_hallucinated.append_option(c.hallucinated);
             self.rejected_hallucinated.append_option(r.hallucinated);
-            self.any_extra |= !g.extra.is_empty();
-            self.extra.push(Value::Object(g.extra.clone()));
+            self.extra_row.push(group_row);
         }
     }
 
@@ -559,7 +568,7 @@ impl<'a> PairBatchBuilder<'a> {
             out.push("rejected_hallucinated", Arc::new(self.rejected_hallucinated.finish()));
         }
         if self.any_extra {
-            out.push_extra(&self.extra, is_pair_column);
+            out.push_repeated_extra(&self.extra, &self.extra_row, is_pair_column);
         }
         out.finish(self.rows)
     }
@@ -584,6 +593,19 @@ impl BatchColumns {
         for (f, c) in batch.schema().fields().iter().zip(batch.columns()) {
             if !is_made(f.name()) {
                 self.push(f.name(), c.clone());
+            }
+        }
+    }
+
+    /// `push_extra` for rows that repeat: `extra` holds each distinct row once and `rows` the
+    /// index of each output row in it.
+    pub fn push_repeated_extra(&mut self, extra: &[Value<'_>], rows: &[u32], is_made: impl Fn(&str) -> bool) {
+        let batch = crate::arrow_out::rows_to_batch(extra, TYPE_HINTS);
+        let indices = arrow_array::UInt32Array::from(rows.to_vec());
+        for (f, c) in batch.schema().fields().iter().zip(batch.columns()) {
+            if !is_made(f.name()) {
+                let repeated = arrow_select::take::take(c.as_ref(), &indices, None).expect("indices are in range");
+                self.push(f.name(), repeated);
             }
         }
     }
@@ -657,8 +679,14 @@ mod tests {
         let groups = vec![
             group(Content::Text("p1".into()), vec![Content::Text("a".into()), Content::Text("b".into())], extra.clone()),
             group(msgs("p2"), vec![msgs("c"), msgs("d"), msgs("e")], vec![]),
+            // One response, so no pairs: its other columns must not shift the next group's.
+            group(Content::Text("p0".into()), vec![Content::Text("z".into())], vec![("source".into(), Value::Str("none".into()))]),
             // Text after messages in the same column: the column becomes JSON text.
-            group(Content::Text("p3".into()), vec![msgs("f"), Content::Text("g".into())], extra),
+            group(
+                Content::Text("p3".into()),
+                vec![msgs("f"), Content::Text("g".into())],
+                vec![("source".into(), Value::Str("t".into())), ("n".into(), Value::Float(2.5))],
+            ),
         ];
         let opts = PairOptions { strategy: Strategy::AllPairs, ..Default::default() };
         for cols in [
