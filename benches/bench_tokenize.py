@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Token-level preparation benchmark: ``prefops.tokenize_pairs`` (Rust, tokenizers crate) vs the
 Python ``tokenizers`` package's batch encoders (Rust inside, Rayon-parallel) followed by the same
-assembly in Python (completion masks, LD-DPO shared length, TAB-PO differing-token masks, an
-Arrow table out), and TRL 1.16's own DPO tokenization (``datasets.map``, on fewer rows).
+assembly in Python (prefops' default joint split: prompt and prompt + completion + EOS text
+encoded, split at the common prefix; completion masks, LD-DPO shared length, TAB-PO
+differing-token masks, an Arrow table out), and TRL 1.16's own DPO tokenization
+(``datasets.map``, on fewer rows).
 
 Input: generated pairs from the bundled HH-RLHF sample's texts (prompts, chosen and rejected
 drawn independently, so lengths are realistic); tokenizer: a byte-level BPE (GPT-2-like, 8k
@@ -56,21 +58,36 @@ def train_tokenizer(texts, path: Path) -> Path:
     return path
 
 
+def common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def python_tokenizers(table, path: Path):
-    """The Python tokenizers package's batch encoders, then the assembly in Python."""
+    """The Python tokenizers package's batch encoders, then the assembly in Python: the joint
+    split (prefops' default), so both contenders encode the same texts."""
     import pyarrow as pa
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(path))
     tok.no_padding()
     tok.no_truncation()
-    eos = tok.token_to_id(EOS)
-    prompts = [e.ids for e in tok.encode_batch_fast(table.column("prompt").to_pylist(), add_special_tokens=True)]
-    comps = []
+    prompt_texts = table.column("prompt").to_pylist()
+    full_prompts = [e.ids for e in tok.encode_batch_fast(prompt_texts, add_special_tokens=True)]
+    joint = []
     for side in ("chosen", "rejected"):
-        ids = [e.ids for e in tok.encode_batch_fast(table.column(side).to_pylist(), add_special_tokens=False)]
-        comps.append([x if x and x[-1] == eos else x + [eos] for x in ids])
-    chosen, rejected = comps
+        texts = [p + (t if t.endswith(EOS) else t + EOS) for p, t in zip(prompt_texts, table.column(side).to_pylist())]
+        joint.append([e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=True)])
+    prompts, chosen, rejected = [], [], []
+    for p, jc, jr in zip(full_prompts, *joint):
+        n = min(common_prefix(p, jc), common_prefix(p, jr))
+        prompts.append(p[:n])
+        chosen.append(jc[n:])
+        rejected.append(jr[n:])
     cm, rm, cd, rd, shared = [], [], [], [], []
     for p, c, r in zip(prompts, chosen, rejected):
         zeros = [0] * len(p)
@@ -131,7 +148,8 @@ def main() -> None:
         results.append(("prefops (1 thread)", args.rows, one_s, one.equals(ref), 1, ""))
         py_s, py = timed(lambda: python_tokenizers(table, path), args.repeats)
         results.append(("tokenizers (Python) + assembly", args.rows, py_s, py.equals(ref), threads,
-                        "encode_batch_fast (Rayon) then masks/diff/shared in Python"))
+                        "encode_batch_fast (Rayon) of prompt and prompt+completion+EOS, split at the common "
+                        "prefix, then masks/diff/shared in Python"))
         small = table.slice(0, min(args.trl_rows, args.rows))
         trl_s, trl = timed(lambda: trl_path(small, path), 1)
         ours = ref.slice(0, small.num_rows)

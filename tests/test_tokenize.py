@@ -85,9 +85,20 @@ def tokenizers_dir(tmp_path_factory):
     return out
 
 
-def reference(rows, path, *, add_special_tokens=True, eos=None, max_prompt_length=None, max_completion_length=None):
-    """ALGORITHMS.md by hand: ids per TRL's text path, |y| = Σ m_t, l_p = min(|y_w|, |y_l|),
-    a completion token differs when the other completion has no token or another one at its index."""
+def _common_prefix(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def reference(rows, path, *, add_special_tokens=True, eos=None, max_prompt_length=None, max_completion_length=None,
+              split="joint", cuts=None):
+    """ALGORITHMS.md by hand: ids per TRL's text path (split="joint": prompt and prompt + completion
+    + EOS text encoded, split at the shorter common prefix; "separate": each text on its own, EOS id
+    appended), then the length limits; |y| = Σ m_t, l_p = min(|y_w|, |y_l|), a completion token
+    differs when the other completion has no token or another one at its index. ``cuts``, a list,
+    gets each row's number of prompt tokens the joint split left out."""
     tok = Tokenizer.from_file(str(path))
     tok.no_padding()
     tok.no_truncation()
@@ -95,16 +106,26 @@ def reference(rows, path, *, add_special_tokens=True, eos=None, max_prompt_lengt
     out = []
     for prompt, chosen, rejected in rows:
         p = tok.encode(prompt, add_special_tokens=add_special_tokens).ids
-        if max_prompt_length is not None and len(p) > max_prompt_length:
-            p = p[len(p) - max_prompt_length:]
         comps = []
         for text in (chosen, rejected):
-            ids = tok.encode(text, add_special_tokens=False).ids
-            if eos_id is not None and (not ids or ids[-1] != eos_id):
-                ids = ids + [eos_id]
-            if max_completion_length is not None:
-                ids = ids[:max_completion_length]
+            if split == "joint":
+                if eos is not None and not text.endswith(eos):
+                    text += eos
+                ids = tok.encode(prompt + text, add_special_tokens=add_special_tokens).ids
+            else:
+                ids = tok.encode(text, add_special_tokens=False).ids
+                if eos_id is not None and (not ids or ids[-1] != eos_id):
+                    ids = ids + [eos_id]
             comps.append(ids)
+        if split == "joint":
+            n = min(_common_prefix(p, ids) for ids in comps)
+            if cuts is not None:
+                cuts.append(len(p) - n)
+            p, comps = p[:n], [ids[n:] for ids in comps]
+        if max_prompt_length is not None and len(p) > max_prompt_length:
+            p = p[len(p) - max_prompt_length:]
+        if max_completion_length is not None:
+            comps = [ids[:max_completion_length] for ids in comps]
         c, r = comps
         mask = lambda ids: [0] * len(p) + [1] * len(ids)
         lengths = (sum(mask(c)), sum(mask(r)))
@@ -130,27 +151,42 @@ def triples(table):
     return list(zip(*(table.column(c).to_pylist() for c in ("prompt", "chosen", "rejected"))))
 
 
+SPLITS = ["joint", "separate"]
+
+
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("options", [
     {},
     {"max_prompt_length": 16, "max_completion_length": 8},
     {"add_special_tokens": False, "eos_token": None},
 ])
-def test_matches_reference_on_hh(tokenizers_dir, kind, options):
+def test_matches_reference_on_hh(tokenizers_dir, kind, options, split):
     path = tokenizers_dir[kind]
     pairs = hh_pairs()
-    r = prefops.tokenize_pairs(pairs, path, **options)
+    r = prefops.tokenize_pairs(pairs, path, split=split, **options)
     eos = options.get("eos_token", "auto")
     if eos == "auto":
         eos = "</s>" if kind == "llama_like" else None  # only it has a tokenizer_config.json
+    cuts = []
     want = reference(triples(pairs), path, add_special_tokens=options.get("add_special_tokens", True), eos=eos,
                      max_prompt_length=options.get("max_prompt_length"),
-                     max_completion_length=options.get("max_completion_length"))
+                     max_completion_length=options.get("max_completion_length"), split=split, cuts=cuts)
     assert made(r.table) == want
     assert r.table.select(pairs.column_names).equals(pairs)  # input columns kept as they were
     s = r.stats
     assert s["rows"] == len(want) == pairs.num_rows
     assert s["eos_token"] == eos
+    assert s["split"] == split
+    assert s["boundary_cut_prompts"] == sum(n > 0 for n in cuts)
+    assert s["boundary_cut_tokens"] == sum(cuts)
+    if kind == "wordpiece" and split == "joint" and options.get("add_special_tokens", True):
+        # The prompt's own [SEP] is never a prefix of prompt + completion [SEP]: every row loses it.
+        assert s["boundary_cut_prompts"] == pairs.num_rows
+        assert s["boundary_cut_first"] == {"row": 0, "text": "[SEP]", "tokens": ["[SEP]"]}
+        assert "prompt end cut" in r.summary() and "'[SEP]'" in r.summary()
+    elif s["boundary_cut_prompts"] == 0:
+        assert s["boundary_cut_first"] is None and "prompt end cut" not in r.summary()
     assert s["prompt_tokens"] == sum(len(w["prompt_ids"]) for w in want)
     assert s["tokens"] == sum(len(w[k]) for w in want for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
     assert s["mean_shared_length"] == pytest.approx(sum(w["shared_length"] for w in want) / len(want))
@@ -177,33 +213,92 @@ def test_eos_given_and_types(tokenizers_dir):
     assert "tokenize" in r.summary() and "EOS '<|endoftext|>' (given)" in r.summary()
 
 
-def test_trl_parity(tokenizers_dir):
-    """TRL 1.16 tokenizes prompt and prompt+completion (EOS text appended) and splits at their
-    common prefix; with a byte-level tokenizer and HH's prompts ending on a token boundary this
-    is the same as prefops' separate encoding."""
+def trl_ids(path, eos, rows):
+    """(prompt_ids, chosen_ids, rejected_ids) per row from TRL 1.16's own
+    ``DPOTrainer._prepare_dataset`` (text path: EOS text appended, prompt and prompt + completion
+    tokenized, split at the common prefix), run on a stub trainer."""
     trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
     from types import SimpleNamespace
 
     from datasets import Dataset
     from transformers import PreTrainedTokenizerFast
 
-    path = tokenizers_dir["byte_level"]
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|endoftext|>")
-    pairs = hh_pairs().slice(0, 120)
-    ds = Dataset.from_dict({c: pairs.column(c).to_pylist() for c in ("prompt", "chosen", "rejected")})
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=eos)
+    ds = Dataset.from_dict({c: [r[i] for r in rows] for i, c in enumerate(("prompt", "chosen", "rejected"))})
     stub = SimpleNamespace(_tokenizer=tok, _is_vision_dataset=False)
     args = SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
-    trl_rows = trl_dpo.DPOTrainer._prepare_dataset(stub, ds, tok, args, "train")
-    ours = prefops.tokenize_pairs(pairs, path, eos_token="<|endoftext|>").table
-    for a, b in zip(trl_rows, ours.to_pylist()):
-        assert (a["prompt_ids"], a["chosen_ids"], a["rejected_ids"]) == (b["prompt_ids"], b["chosen_ids"], b["rejected_ids"])
+    out = trl_dpo.DPOTrainer._prepare_dataset(stub, ds, tok, args, "train")
+    return [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in out]
+
+
+def ids(table):
+    return list(zip(*(table.column(c).to_pylist() for c in ("prompt_ids", "chosen_ids", "rejected_ids"))))
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_trl_parity(tokenizers_dir, kind):
+    """The default (joint) split gives TRL 1.16's ids on every row, for a byte-level, a
+    Llama-like (BOS) and a BERT-like ([CLS] … [SEP]: TRL drops the prompt's [SEP]) tokenizer."""
+    path, eos = tokenizers_dir[kind], KINDS[kind][1]
+    pairs = hh_pairs().slice(0, 120)
+    want = trl_ids(path, eos, triples(pairs))
+    ours = prefops.tokenize_pairs(pairs, path, eos_token=eos).table
+    assert len(want) == ours.num_rows == 120
+    for i, (a, b) in enumerate(zip(want, ids(ours))):
+        assert a == b, f"row {i}"
     # TRL's collator builds the same completion masks from these columns.
-    batch = trl_dpo.DataCollatorForPreference(pad_token_id=0)(ours.slice(0, 4).to_pylist())
+    trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
     from prefops.losses import tokenized_pair_batch
 
+    batch = trl_dpo.DataCollatorForPreference(pad_token_id=0)(ours.slice(0, 4).to_pylist())
     mine = tokenized_pair_batch(ours.slice(0, 4))
     assert batch["completion_mask"].tolist() == mine["completion_mask"].tolist()
     assert batch["input_ids"].tolist() == mine["input_ids"].tolist()
+
+
+def merging_rows(eos):
+    """Pairs whose tokens merge across the prompt/completion boundary, and one that already ends
+    with the EOS text."""
+    return [
+        ("Human: hi\n\nAssistant: ", "Hello there.", " Hi!"),  # prompt ends in a space: only chosen merges
+        ("Human: finish the word\n\nAssistant: The answ", "er is 42", "er was 41"),  # mid-word
+        ("Q: 2+2=", "4", "5"),                                           # no whitespace at the boundary
+        ("Human: say done\n\nAssistant:", f" done{eos}", " ok"),        # already ends with the EOS text
+        ("Café au lait, naï", "ve 日本語 🙂", " résumé"),                  # unicode, mid-word
+        ("Human: x\n\nAssistant:", " Sure", " No"),                     # clean boundary
+    ]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_joint_matches_trl_where_tokens_merge(tokenizers_dir, kind):
+    """Where tokens merge across the boundary only the joint split reproduces TRL; this is why
+    it is the default. The separate split still equals its own reference."""
+    path, eos = tokenizers_dir[kind], KINDS[kind][1]
+    rows = merging_rows(eos)
+    table = pa.table({c: [r[i] for r in rows] for i, c in enumerate(("prompt", "chosen", "rejected"))})
+    want = trl_ids(path, eos, rows)
+    joint = prefops.tokenize_pairs(table, path, eos_token=eos)
+    assert ids(joint.table) == want
+    assert made(joint.table) == reference(rows, path, eos=eos)
+    eos_id = Tokenizer.from_file(str(path)).token_to_id(eos)
+    done = joint.table.column("chosen_ids").to_pylist()[3]
+    # No second EOS (the BERT-like post-processor adds its own [SEP] after the text's).
+    assert done[-1] == eos_id and done.count(eos_id) == (2 if kind == "wordpiece" else 1)
+    assert joint.stats["boundary_cut_prompts"] > 0
+    assert "prompt end cut" in joint.summary()
+
+    separate = prefops.tokenize_pairs(table, path, eos_token=eos, split="separate")
+    assert made(separate.table) == reference(rows, path, eos=eos, split="separate")
+    differ = [i for i, (a, b) in enumerate(zip(ids(separate.table), want)) if a != b]
+    assert differ, "separate encoding should differ from TRL where tokens merge"
+    assert 1 in differ  # the mid-word prompt merges with "er" for every one of these tokenizers
+    if kind != "wordpiece":  # (BertPreTokenizer splits on whitespace: nothing merges with a space)
+        # Row 0: chosen absorbs the prompt's trailing space, rejected does not; both completions
+        # start at the shorter common prefix, so the rejected one starts with that space.
+        p_ids, c_ids, r_ids = want[0]
+        full = Tokenizer.from_file(str(path)).encode(rows[0][0]).ids
+        assert len(p_ids) == len(full) - 1 and r_ids[0] == full[-1]
+    assert separate.stats["boundary_cut_prompts"] == 0 and "prompt end cut" not in separate.summary()
 
 
 def test_feeds_ld_dpo_and_tabpo_losses(tokenizers_dir):
@@ -244,9 +339,13 @@ def test_cli_chains_with_prep(tokenizers_dir, tmp_path, suffix):
     cli = [sys.executable, "-m", "prefops.cli"]
     subprocess.run(cli + ["prep", str(prefops.sample_path("hh")), "-o", str(pairs), "--skip-invalid", "-q"], check=True)
     path = tokenizers_dir["byte_level"]
-    p = subprocess.run(cli + ["tokenize", str(pairs), "-o", str(out), "--tokenizer", str(path), "--eos-token",
-                              "<|endoftext|>", "--max-completion-length", "32", "--stats", str(tmp_path / "s.json")],
-                       capture_output=True, text=True)
+
+    def tokenize(output, *options, tokenizer=path):
+        return subprocess.run(cli + ["tokenize", str(pairs), "-o", str(output), "--tokenizer", str(tokenizer),
+                                     *options], capture_output=True, text=True)
+
+    p = tokenize(out, "--eos-token", "<|endoftext|>", "--max-completion-length", "32",
+                 "--stats", str(tmp_path / "s.json"))
     assert p.returncode == 0, p.stderr
     assert "truncated" in p.stderr
     stats = json.loads((tmp_path / "s.json").read_text())
@@ -254,6 +353,7 @@ def test_cli_chains_with_prep(tokenizers_dir, tmp_path, suffix):
     src = prefops.convert(pairs).table
     assert made(back) == reference(triples(src), path, eos="<|endoftext|>", max_completion_length=32)
     assert (stats["step"], stats["rows"], stats["max_completion_length"]) == ("tokenize", back.num_rows, 32)
+    assert stats["split"] == "joint"
     if suffix == ".parquet":
         schema = pq.read_schema(out)
         assert schema.field("chosen_ids").type == pa.list_(pa.int32())
@@ -261,8 +361,14 @@ def test_cli_chains_with_prep(tokenizers_dir, tmp_path, suffix):
         j = tmp_path / "again.jsonl"
         prefops.convert(out, output=j)
         assert made(prefops.convert(j).table) == made(back)
-    p = subprocess.run(cli + ["tokenize", str(pairs), "-o", str(tmp_path / "x.jsonl"), "--tokenizer",
-                              str(tmp_path / "missing.json")], capture_output=True, text=True)
+    sep = tmp_path / f"separate{suffix}"
+    p = tokenize(sep, "--eos-token", "<|endoftext|>", "--split", "separate", "--stats", str(tmp_path / "s2.json"))
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "s2.json").read_text())["split"] == "separate"
+    assert made(prefops.convert(sep).table) == reference(triples(src), path, eos="<|endoftext|>", split="separate")
+    p = tokenize(tmp_path / "y.jsonl", "--split", "both")
+    assert p.returncode == 2 and "invalid choice: 'both'" in p.stderr
+    p = tokenize(tmp_path / "x.jsonl", tokenizer=tmp_path / "missing.json")
     assert p.returncode == 1 and "missing.json" in p.stderr
     assert not (tmp_path / "x.jsonl").exists()
 
@@ -279,8 +385,9 @@ def test_errors(tokenizers_dir, tmp_path):
     with pytest.raises(prefops.DataError, match="missing column 'rejected'"):
         prefops.tokenize_pairs(pairs.drop_columns(["rejected"]), path)
     empty = pairs.set_column(3, "chosen", pa.array([""] * 5))
-    with pytest.raises(prefops.DataError, match="row 0, field 'chosen': chosen encodes to no tokens"):
-        prefops.tokenize_pairs(empty, path, eos_token=None)
+    for split in SPLITS:
+        with pytest.raises(prefops.DataError, match="row 0, field 'chosen': chosen encodes to no tokens"):
+            prefops.tokenize_pairs(empty, path, eos_token=None, split=split)
     # With an EOS an empty completion is just [EOS] (documented).
     r = prefops.tokenize_pairs(empty, path, eos_token="<|endoftext|>")
     assert r.table.column("chosen_ids").to_pylist()[0] == [Tokenizer.from_file(str(path)).token_to_id("<|endoftext|>")]
@@ -288,6 +395,8 @@ def test_errors(tokenizers_dir, tmp_path):
         prefops.tokenize_pairs(pairs, path, eos_token="</s>")
     with pytest.raises(ValueError, match="max_prompt_length must be >= 1"):
         prefops.tokenize_pairs(pairs, path, max_prompt_length=0)
+    with pytest.raises(ValueError, match="split must be 'joint' or 'separate', got 'both'"):
+        prefops.tokenize_pairs(pairs, path, split="both")
     convo = prefops.prep(prefops.sample_path("llamafactory_dpo")).table
     with pytest.raises(prefops.DataError, match="holds conversations.*chat template"):
         prefops.tokenize_pairs(convo, path)
@@ -304,11 +413,11 @@ text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(st.tuples(text, text, text), min_size=1, max_size=12),
        max_prompt=st.none() | st.integers(1, 6), max_completion=st.none() | st.integers(1, 6),
-       threads=st.integers(1, 4))
-def test_random_unicode_matches_reference(byte_level_path, rows, max_prompt, max_completion, threads):
+       threads=st.integers(1, 4), split=st.sampled_from(SPLITS))
+def test_random_unicode_matches_reference(byte_level_path, rows, max_prompt, max_completion, threads, split):
     table = pa.table({"prompt": [r[0] for r in rows], "chosen": [r[1] for r in rows],
                       "rejected": [r[2] for r in rows]})
-    kw = dict(max_prompt_length=max_prompt, max_completion_length=max_completion)
+    kw = dict(max_prompt_length=max_prompt, max_completion_length=max_completion, split=split)
     r = prefops.tokenize_pairs(table, byte_level_path, eos_token="<|endoftext|>", threads=threads, **kw)
     got = made(r.table)
     assert got == reference(rows, byte_level_path, eos="<|endoftext|>", **kw)

@@ -221,8 +221,9 @@ def _add_step_parsers(sub) -> None:
         "downloaded). Adds prompt_ids, chosen_ids, rejected_ids (int32 lists, what TRL's "
         "DataCollatorForPreference takes), chosen/rejected_completion_mask (int8, aligned with prompt_ids + "
         "completion ids), shared_length (LD-DPO: min of the two completion lengths) and "
-        "chosen/rejected_diff_mask (TAB-PO: 1 where the aligned completion tokens differ). The prompt gets the "
-        "tokenizer's special tokens (e.g. BOS), each completion the EOS token.",
+        "chosen/rejected_diff_mask (TAB-PO: 1 where the aligned completion tokens differ). By default prompt and "
+        "prompt + completion + EOS text are encoded (with the tokenizer's special tokens, e.g. BOS) and split at "
+        "their common prefix, as TRL 1.16's DPOTrainer does; --split separate encodes them apart.",
     )
     _step_common(t)
     t.add_argument("--tokenizer", type=Path, required=True, help="a local tokenizer.json (Hugging Face tokenizers)")
@@ -231,8 +232,13 @@ def _add_step_parsers(sub) -> None:
                      help="token appended to each completion; default auto: eos_token of the tokenizer_config.json "
                           "beside the tokenizer, none without one")
     eos.add_argument("--no-eos", action="store_true", help="append no EOS token")
+    t.add_argument("--split", choices=["joint", "separate"], default="joint",
+                   help="joint (default): encode prompt and prompt + completion + EOS text and split at their common "
+                        "prefix, TRL 1.16's rule (a prompt whose end merges with the completion, or ends with a "
+                        "special token such as [SEP], loses that end; the summary counts such rows); separate: "
+                        "encode prompt and completion apart, EOS id appended (no merge, but ids can differ from TRL's)")
     t.add_argument("--no-special-tokens", action="store_true",
-                   help="encode the prompt without the tokenizer's special tokens (no BOS)")
+                   help="encode without the tokenizer's special tokens (no BOS)")
     t.add_argument("--max-prompt-length", type=_positive_int, help="keep the last N prompt tokens")
     t.add_argument("--max-completion-length", type=_positive_int, help="keep the first N tokens of each completion")
 
@@ -349,7 +355,7 @@ def _run_augment(args: argparse.Namespace) -> int:
 
 def _run_tokenize(args: argparse.Namespace) -> int:
     result = tokenize_pairs(args.input, args.tokenizer, output=args.output, add_special_tokens=not args.no_special_tokens,
-                            eos_token=None if args.no_eos else args.eos_token,
+                            eos_token=None if args.no_eos else args.eos_token, split=args.split,
                             max_prompt_length=args.max_prompt_length,
                             max_completion_length=args.max_completion_length, threads=args.threads)
     return _finish_step(args, result)

@@ -94,6 +94,19 @@ class StepResult:
                          f"rejected {s['truncated_rejected']:,}")
             lines.append(f"  differing        {s['differing_shared_tokens']:,} of {s['shared_tokens']:,} "
                          "aligned tokens within the shared length")
+            if s["boundary_cut_prompts"]:
+                # What TRL warns about once, counted: the prompt's end that is not in prompt_ids.
+                first, pad = s["boundary_cut_first"], " " * 19
+                lines += [
+                    f"  prompt end cut   {s['boundary_cut_prompts']:>10,}   rows whose prompt alone does not encode "
+                    "as a prefix of prompt + completion",
+                    f"{pad}(tokens merge across the boundary, or the tokenizer ends sequences with special tokens):",
+                    f"{pad}as TRL does, each completion starts where they diverge and the prompt's end is left out of",
+                    f"{pad}prompt_ids: {s['boundary_cut_tokens']:,} tokens in all, first at row {first['row']:,}: "
+                    f"{first['text']!r} (tokens {first['tokens']!r}).",
+                    f"{pad}Training then sees a context unlike inference's; end prompts on a token boundary, or",
+                    f"{pad}split 'separate' keeps them (ids then differ from TRL's).",
+                ]
         elif self.step == "convert":
             lines.append(f"  rows             {s['rows']:>10,}   columns {len(s['columns'])}")
         elif self.step == "fifa":
@@ -292,6 +305,7 @@ def tokenize_pairs(
     output: Union[str, os.PathLike, None] = None,
     add_special_tokens: bool = True,
     eos_token: Optional[str] = "auto",
+    split: str = "joint",
     max_prompt_length: Optional[int] = None,
     max_completion_length: Optional[int] = None,
     threads: Optional[int] = None,
@@ -300,13 +314,27 @@ def tokenize_pairs(
 
     ``tokenizer`` is a local ``tokenizer.json`` (Hugging Face tokenizers format; nothing is
     downloaded); ``output`` a .jsonl/.jsonl.gz/.parquet path, or None for a table. The table needs text ``prompt``/``chosen``/``rejected`` columns (conversations:
-    apply the model's chat template first). Encoding, as TRL does for text:
+    apply the model's chat template first). Encoding, by ``split``:
 
-    - ``prompt_ids``: the prompt with the tokenizer's post-processor special tokens when
-      ``add_special_tokens`` (BOS for Llama-style tokenizers), cut to its last
-      ``max_prompt_length`` tokens;
-    - ``chosen_ids``/``rejected_ids``: the completion without special tokens, the EOS id appended
-      (unless it already ends with it), cut to its first ``max_completion_length`` tokens.
+    - ``"joint"`` (default; TRL 1.16's ``DPOTrainer`` text path, id for id): the EOS token's
+      text is appended to each completion (unless the text already ends with it); ``prompt``,
+      ``prompt + chosen`` and ``prompt + rejected`` are encoded (with the tokenizer's
+      post-processor special tokens when ``add_special_tokens``) and split where the prompt's
+      ids stop being a prefix of the joint ids (the shorter of the two common prefixes):
+      ``prompt_ids`` is that prefix, ``chosen_ids``/``rejected_ids`` the rest of each joint
+      encoding. When tokens merge across the boundary (a prompt ending in a space or mid-word,
+      a completion not starting with whitespace) or the tokenizer ends every sequence with a
+      special token (BERT's ``[SEP]``), the prompt's last tokens are left out of ``prompt_ids``
+      and the completion starts with the merged tokens; ``stats["boundary_cut_prompts"]`` counts
+      such rows and the summary says what was dropped.
+    - ``"separate"``: the prompt encoded on its own (special tokens when ``add_special_tokens``:
+      BOS for Llama-style tokenizers, ``[CLS] … [SEP]`` for BERT-style), each completion on its
+      own without special tokens and the EOS id appended (unless it already ends with it); no
+      token merges across the boundary, the prompt is never cut, but the ids differ from TRL's
+      where it would merge or cut.
+
+    Then, either way, ``prompt_ids`` is cut to its last ``max_prompt_length`` tokens and each
+    completion to its first ``max_completion_length`` (a cut completion loses its EOS).
 
     Per pair, on the final ids (``P``, ``C``, ``R`` their lengths): ``chosen_completion_mask``
     (``P + C`` int8, aligned with ``prompt_ids + chosen_ids``: 0 on the prompt, 1 on the
@@ -321,12 +349,15 @@ def tokenize_pairs(
         eos_token: ``"auto"`` (default): the ``eos_token`` of the ``tokenizer_config.json``
             beside the tokenizer file, none if there is no such file; None: no EOS; else the
             token itself (it must be in the vocabulary).
+        split: ``"joint"`` (default) or ``"separate"``, above.
         max_prompt_length / max_completion_length: token limits (None: no limit).
 
-    A completion that encodes to no tokens (empty text and no EOS) is an error naming its row.
+    A completion left with no tokens (e.g. empty text and no EOS) is an error naming its row.
     Columns of the same names are replaced. ``stats``: rows, tokens, truncation counts, mean
-    lengths.
+    lengths, the split and the rows whose prompt end the joint split left out.
     """
+    if split not in ("joint", "separate"):
+        raise ValueError(f"split must be 'joint' or 'separate', got {split!r}")
     for name, v in (("max_prompt_length", max_prompt_length), ("max_completion_length", max_completion_length)):
         if v is not None and (isinstance(v, bool) or int(v) < 1):
             raise ValueError(f"{name} must be >= 1 or None, got {v!r}")
@@ -343,6 +374,7 @@ def tokenize_pairs(
         add_special_tokens=bool(add_special_tokens),
         eos=eos,
         eos_token=token,
+        split=split,
         max_prompt_length=None if max_prompt_length is None else int(max_prompt_length),
         max_completion_length=None if max_completion_length is None else int(max_completion_length),
         threads=_threads(threads),

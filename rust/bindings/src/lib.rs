@@ -439,10 +439,11 @@ fn reward_augment<'py>(
 
 /// Token ids, completion masks, LD-DPO shared lengths and TAB-PO differing-token masks from a
 /// local tokenizer.json. `eos`: "auto" (tokenizer_config.json beside it), "off", or "token"
-/// with `eos_token`. Returns (table or None, report JSON).
+/// with `eos_token`; `split`: "joint" (TRL 1.16) or "separate". Returns (table or None, report
+/// JSON).
 #[pyfunction]
 #[pyo3(signature = (source, output=None, *, tokenizer, add_special_tokens=true, eos="auto", eos_token=None,
-                    max_prompt_length=None, max_completion_length=None, threads=0))]
+                    split="joint", max_prompt_length=None, max_completion_length=None, threads=0))]
 #[allow(clippy::too_many_arguments)]
 fn tokenize<'py>(
     py: Python<'py>,
@@ -452,17 +453,27 @@ fn tokenize<'py>(
     add_special_tokens: bool,
     eos: &str,
     eos_token: Option<String>,
+    split: &str,
     max_prompt_length: Option<usize>,
     max_completion_length: Option<usize>,
     threads: usize,
 ) -> PyResult<(Option<Bound<'py, PyAny>>, String)> {
+    let split = parse::<tok::Split>(split)?;
     let eos = match (eos, eos_token) {
         ("auto", None) => tok::Eos::Auto,
         ("off", None) => tok::Eos::Off,
         ("token", Some(t)) => tok::Eos::Token(t),
         (mode, t) => return Err(PyValueError::new_err(format!("bad EOS choice: {mode} with token {t:?}"))),
     };
-    let opts = tok::TokenizeOptions { add_special_tokens, eos, max_prompt_length, max_completion_length, threads, ..tok::TokenizeOptions::new(tokenizer) };
+    let opts = tok::TokenizeOptions {
+        add_special_tokens,
+        eos,
+        split,
+        max_prompt_length,
+        max_completion_length,
+        threads,
+        ..tok::TokenizeOptions::new(tokenizer)
+    };
     let (table, files, threads, seconds, stats) = run_step(py, source, threads, move |t, threads| {
         let (out, stats) = tok::tokenize_pairs(&t, &tok::TokenizeOptions { threads, ..opts })?;
         let files = one_file(output, &out);

@@ -2,16 +2,26 @@
 //! the layout TRL's `DataCollatorForPreference` takes, completion masks, the LD-DPO shared
 //! length and the TAB-PO differing-token mask.
 //!
-//! Encoding (TRL's text path; the tokenizer is a local `tokenizer.json`, never downloaded):
+//! Encoding (the tokenizer is a local `tokenizer.json`, never downloaded), by [`Split`]:
 //!
-//! - `prompt_ids` = the prompt encoded with the tokenizer's post-processor when
-//!   `add_special_tokens` (BOS for Llama-style tokenizers, `[CLS] … [SEP]` for BERT-style, nothing
-//!   for GPT-2), then cut to its last `max_prompt_length` tokens;
-//! - `chosen_ids` / `rejected_ids` = the completion encoded without special tokens, the EOS id
-//!   appended (unless it already ends with it), then cut to its first `max_completion_length`
-//!   tokens (so a cut completion loses its EOS).
+//! - [`Split::Joint`] (default; TRL 1.16's `DPOTrainer` text path, id for id): each completion
+//!   gets the EOS token's *text* appended (unless its text already ends with it); `prompt`,
+//!   `prompt + chosen` and `prompt + rejected` are encoded (with the post-processor special tokens
+//!   when `add_special_tokens`); `k` = the shorter of the two common prefixes of the prompt's ids
+//!   with each joint encoding; `prompt_ids` = the prompt's first `k` ids, `chosen_ids` /
+//!   `rejected_ids` = each joint encoding from `k` on. When tokens merge across the boundary (a
+//!   prompt ending in a space, a completion not starting with one) or the post-processor ends
+//!   the prompt with special tokens (`[SEP]` for BERT-style), the prompt's encoding is not a
+//!   prefix of the joint one: its ids from `k` on are left out of `prompt_ids` (counted in the
+//!   stats, as TRL warns) and the completion starts with the merged tokens.
+//! - [`Split::Separate`]: the prompt encoded on its own (post-processor special tokens when
+//!   `add_special_tokens`: BOS for Llama-style tokenizers, `[CLS] … [SEP]` for BERT-style,
+//!   nothing for GPT-2), each completion on its own without special tokens and the EOS *id*
+//!   appended unless it already ends with it; no token merges across the boundary.
 //!
-//! Prompt and completions are encoded separately, so no token merges across the boundary.
+//! Then, in both modes, `prompt_ids` is cut to its last `max_prompt_length` tokens and each
+//! completion to its first `max_completion_length` (so a cut completion loses its EOS). A
+//! completion left with no tokens is an error naming its row.
 //!
 //! Per pair, on the final (cut) ids, with `P = len(prompt_ids)`, `C = len(chosen_ids)`,
 //! `R = len(rejected_ids)`:
@@ -29,6 +39,7 @@
 //! Rows are encoded in parallel in chunks; the output does not depend on the thread count.
 
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
@@ -57,12 +68,36 @@ pub enum Eos {
     Token(String),
 }
 
+/// How prompt and completion ids are obtained (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    /// Prompt and prompt + completion (+ EOS text) encoded, split at their common prefix: TRL 1.16.
+    #[default]
+    Joint,
+    /// Prompt and completions encoded on their own, the EOS id appended.
+    Separate,
+}
+
+impl FromStr for Split {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "joint" => Ok(Split::Joint),
+            "separate" => Ok(Split::Separate),
+            _ => Err(format!("unknown tokenize split '{s}'; expected joint or separate")),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct TokenizeOptions {
     pub tokenizer: PathBuf,
-    /// The prompt gets the tokenizer's post-processor special tokens (e.g. BOS).
+    /// The tokenizer's post-processor special tokens (e.g. BOS) on the prompt (on the joint
+    /// encodings too, with [`Split::Joint`]).
     pub add_special_tokens: bool,
     pub eos: Eos,
+    pub split: Split,
     /// Keep the last this-many prompt tokens.
     pub max_prompt_length: Option<usize>,
     /// Keep the first this-many tokens of each completion.
@@ -77,6 +112,7 @@ impl TokenizeOptions {
             tokenizer: tokenizer.into(),
             add_special_tokens: true,
             eos: Eos::Auto,
+            split: Split::Joint,
             max_prompt_length: None,
             max_completion_length: None,
             threads: 0,
@@ -95,6 +131,7 @@ pub struct TokenizeStats {
     pub eos_from: String,
     pub max_prompt_length: Option<usize>,
     pub max_completion_length: Option<usize>,
+    pub split: Split,
     /// Prompt + chosen + rejected tokens after truncation.
     pub tokens: u64,
     pub prompt_tokens: u64,
@@ -111,6 +148,24 @@ pub struct TokenizeStats {
     /// (positions past it always differ).
     pub differing_shared_tokens: u64,
     pub shared_tokens: u64,
+    /// Rows whose prompt encoding is not a prefix of a joint encoding, so its end was left out of
+    /// `prompt_ids` ([`Split::Joint`]; always 0 with [`Split::Separate`]).
+    pub boundary_cut_prompts: u64,
+    /// Prompt tokens so left out, over all rows.
+    pub boundary_cut_tokens: u64,
+    /// The first such row.
+    pub boundary_cut_first: Option<BoundaryCut>,
+}
+
+/// A row whose prompt lost its end at the joint split.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BoundaryCut {
+    pub row: u64,
+    /// The left-out prompt tokens, decoded (special tokens kept).
+    pub text: String,
+    /// The same tokens as vocabulary strings (a decoder may render them as nothing, e.g. a lone
+    /// Metaspace `▁`).
+    pub tokens: Vec<String>,
 }
 
 /// A tokenizer loaded for the step, with its EOS.
@@ -182,14 +237,74 @@ impl PairTokenizer {
     fn encode(&self, text: &str, special: bool) -> std::result::Result<Vec<u32>, String> {
         self.tokenizer.encode_fast(text, special).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string())
     }
+
+    /// One row's prompt, chosen and rejected ids before truncation, and the prompt ids the joint
+    /// split left out. An error carries the index (0 prompt, 1 chosen, 2 rejected) of the text
+    /// being encoded.
+    fn encode_pair(&self, texts: [&str; 3], split: Split, special: bool) -> std::result::Result<Pair, (usize, String)> {
+        let mut prompt = self.encode(texts[0], special).map_err(|e| (0, e))?;
+        let mut completions: [Vec<u32>; 2] = Default::default();
+        let mut joint = String::new();
+        for (j, ids) in completions.iter_mut().enumerate() {
+            let text = texts[j + 1];
+            *ids = match split {
+                Split::Separate => {
+                    let mut ids = self.encode(text, false).map_err(|e| (j + 1, e))?;
+                    if let Some((_, eos)) = self.eos {
+                        if ids.last() != Some(&eos) {
+                            ids.push(eos);
+                        }
+                    }
+                    ids
+                }
+                Split::Joint => {
+                    // Plain concatenation, the EOS as text: what TRL encodes, so merges across
+                    // the boundary and the post-processor's tokens come out as in TRL.
+                    joint.clear();
+                    joint.push_str(texts[0]);
+                    joint.push_str(text);
+                    if let Some((eos, _)) = &self.eos {
+                        if !text.ends_with(eos.as_str()) {
+                            joint.push_str(eos);
+                        }
+                    }
+                    self.encode(&joint, special).map_err(|e| (j + 1, e))?
+                }
+            };
+        }
+        let mut dropped = Vec::new();
+        if split == Split::Joint {
+            // Both completions start at the same index (the shorter common prefix), as in TRL.
+            let keep = completions.iter().map(|ids| common_prefix(&prompt, ids)).min().unwrap_or(0);
+            dropped = prompt.split_off(keep);
+            for ids in &mut completions {
+                ids.drain(..keep);
+            }
+        }
+        let [chosen, rejected] = completions;
+        Ok(Pair { ids: [prompt, chosen, rejected], dropped })
+    }
 }
 
-/// One pair's final ids and whether each part was cut.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// One row's ids as split, before truncation.
+struct Pair {
+    ids: [Vec<u32>; 3],
+    /// The prompt's ids from the split on, left out of `prompt_ids` (empty unless joint).
+    dropped: Vec<u32>,
+}
+
+/// One pair's final ids, whether each part was cut by the length limits, and the prompt ids the
+/// joint split left out.
 struct Encoded {
     prompt: Vec<u32>,
     chosen: Vec<u32>,
     rejected: Vec<u32>,
     cut: [bool; 3],
+    dropped: Vec<u32>,
 }
 
 fn text_input(table: &Table, name: &str) -> Result<usize> {
@@ -311,6 +426,7 @@ pub fn tokenize_pairs(table: &Table, opts: &TokenizeOptions) -> Result<(Table, T
     let mut totals = [0u64; 3];
     let mut cuts = [0u64; 3];
     let (mut shared_total, mut differing_shared) = (0u64, 0u64);
+    let (mut boundary_rows, mut boundary_tokens, mut boundary_first) = (0u64, 0u64, None);
     for (first, batch) in table.slices(SLICE_ROWS) {
         let texts: Vec<StringArray> = cols
             .iter()
@@ -322,54 +438,59 @@ pub fn tokenize_pairs(table: &Table, opts: &TokenizeOptions) -> Result<(Table, T
             let mut rows = Vec::with_capacity(b - a);
             for r in a..b {
                 let row = first + r as u64;
-                let mut parts: [Vec<u32>; 3] = Default::default();
-                let mut cut = [false; 3];
-                for (j, field) in ["prompt", "chosen", "rejected"].into_iter().enumerate() {
-                    let col = &texts[j];
-                    if col.is_null(r) {
+                const FIELDS: [&str; 3] = ["prompt", "chosen", "rejected"];
+                for (j, field) in FIELDS.into_iter().enumerate() {
+                    if texts[j].is_null(r) {
                         return Err(row_error(source, row, field, Problem::MissingField, format!("{field} is null")));
                     }
-                    let is_prompt = j == 0;
-                    let mut ids = tk.encode(col.value(r), is_prompt && opts.add_special_tokens).map_err(|e| {
-                        row_error(source, row, field, Problem::WrongType, format!("the tokenizer failed: {e}"))
-                    })?;
-                    if is_prompt {
-                        if let Some(m) = opts.max_prompt_length.filter(|&m| ids.len() > m) {
-                            ids.drain(..ids.len() - m); // keep the end: the prompt's last turn
-                            cut[j] = true;
-                        }
-                    } else {
-                        if let Some(eos) = eos_id {
-                            if ids.last() != Some(&eos) {
-                                ids.push(eos);
-                            }
-                        }
-                        if let Some(m) = opts.max_completion_length.filter(|&m| ids.len() > m) {
-                            ids.truncate(m);
-                            cut[j] = true;
-                        }
-                        if ids.is_empty() {
-                            return Err(row_error(
-                                source,
-                                row,
-                                field,
-                                Problem::EmptyResponse,
-                                format!(
-                                    "{field} encodes to no tokens and there is no EOS token to append; a completion \
-                                     needs at least one token (give an EOS token, or drop the pair)"
-                                ),
-                            ));
-                        }
-                    }
-                    parts[j] = ids;
                 }
-                let [prompt, chosen, rejected] = parts;
-                rows.push(Encoded { prompt, chosen, rejected, cut });
+                let row_texts = [texts[0].value(r), texts[1].value(r), texts[2].value(r)];
+                let Pair { ids: [mut prompt, mut chosen, mut rejected], dropped } =
+                    tk.encode_pair(row_texts, opts.split, opts.add_special_tokens).map_err(|(j, e)| {
+                        row_error(source, row, FIELDS[j], Problem::WrongType, format!("the tokenizer failed: {e}"))
+                    })?;
+                let mut cut = [false; 3];
+                if let Some(m) = opts.max_prompt_length.filter(|&m| prompt.len() > m) {
+                    prompt.drain(..prompt.len() - m); // keep the end: the prompt's last turn
+                    cut[0] = true;
+                }
+                for (j, ids) in [(1, &mut chosen), (2, &mut rejected)] {
+                    if let Some(m) = opts.max_completion_length.filter(|&m| ids.len() > m) {
+                        ids.truncate(m);
+                        cut[j] = true;
+                    }
+                    if ids.is_empty() {
+                        let field = FIELDS[j];
+                        let after = if opts.split == Split::Joint { " after the prompt" } else { "" };
+                        let no_eos = if eos_id.is_none() { " and there is no EOS token to append" } else { "" };
+                        return Err(row_error(
+                            source,
+                            row,
+                            field,
+                            Problem::EmptyResponse,
+                            format!(
+                                "{field} encodes to no tokens{after}{no_eos}; a completion needs at least one \
+                                 token (give an EOS token, or drop the pair)"
+                            ),
+                        ));
+                    }
+                }
+                rows.push(Encoded { prompt, chosen, rejected, cut, dropped });
             }
             Ok(rows)
         })?;
         let rows: Vec<Encoded> = encoded.into_iter().flatten().collect();
-        for r in &rows {
+        for (i, r) in rows.iter().enumerate() {
+            if !r.dropped.is_empty() {
+                boundary_rows += 1;
+                boundary_tokens += r.dropped.len() as u64;
+                if boundary_first.is_none() {
+                    // Decoded once, for the first row in input order (whatever the threads).
+                    let text = tk.tokenizer.decode(&r.dropped, false).unwrap_or_else(|_| format!("{:?}", r.dropped));
+                    let tokens = r.dropped.iter().map(|&id| tk.tokenizer.id_to_token(id).unwrap_or_default()).collect();
+                    boundary_first = Some(BoundaryCut { row: first + i as u64, text, tokens });
+                }
+            }
             for (j, len) in [r.prompt.len(), r.chosen.len(), r.rejected.len()].into_iter().enumerate() {
                 totals[j] += len as u64;
                 cuts[j] += r.cut[j] as u64;
@@ -411,6 +532,7 @@ pub fn tokenize_pairs(table: &Table, opts: &TokenizeOptions) -> Result<(Table, T
         eos_from: if tk.eos.is_some() { tk.eos_from } else { "none" }.to_string(),
         max_prompt_length: opts.max_prompt_length,
         max_completion_length: opts.max_completion_length,
+        split: opts.split,
         tokens: totals.iter().sum(),
         prompt_tokens: totals[0],
         chosen_tokens: totals[1],
@@ -424,6 +546,9 @@ pub fn tokenize_pairs(table: &Table, opts: &TokenizeOptions) -> Result<(Table, T
         mean_shared_length: mean(shared_total),
         differing_shared_tokens: differing_shared,
         shared_tokens: shared_total,
+        boundary_cut_prompts: boundary_rows,
+        boundary_cut_tokens: boundary_tokens,
+        boundary_cut_first: boundary_first,
     };
     Ok((Table { source: table.source.clone(), schema, batches: out_batches }, stats))
 }
@@ -500,11 +625,20 @@ mod tests {
         TokenizeOptions { eos: Eos::Token("</s>".into()), threads: 1, ..TokenizeOptions::new(path) }
     }
 
+    /// Rows whose completions start with a space (or whose prompt is empty): no token merges
+    /// across the boundary, so both splits give the same ids.
     #[test]
     fn ids_masks_shared_length_and_differing_tokens() {
+        for split in [Split::Joint, Split::Separate] {
+            ids_masks_shared_length_and_differing_tokens_with(split);
+        }
+    }
+
+    fn ids_masks_shared_length_and_differing_tokens_with(split: Split) {
         let dir = tempfile::tempdir().unwrap();
         let tok = write_tokenizer(dir.path());
-        let t = table(&[("a b", "c d", "c e f"), ("", "f", "f")], 8);
+        let t = table(&[("a b", " c d", " c e f"), ("", "f", "f")], 8);
+        let opts = |p: &Path| TokenizeOptions { split, ..opts(p) };
         let (out, st) = tokenize_pairs(&t, &opts(&tok)).unwrap();
         assert_eq!(out.schema.fields().len(), 4 + OUTPUT_COLUMNS.len());
         assert_eq!(lists::<Int32Type>(&out, "prompt_ids"), [vec![1, 3, 4], vec![1]]);
@@ -519,6 +653,7 @@ mod tests {
         assert_eq!(shared, [3, 2]);
         assert_eq!((st.rows, st.tokens, st.prompt_tokens, st.shared_tokens, st.differing_shared_tokens), (2, 15, 4, 5, 2));
         assert_eq!((st.eos_id, st.eos_from.as_str()), (Some(2), "given"));
+        assert_eq!((st.split, st.boundary_cut_prompts, st.boundary_cut_first), (split, 0, None));
 
         // No special tokens, no EOS: completions as encoded.
         let o = TokenizeOptions { add_special_tokens: false, eos: Eos::Off, ..opts(&tok) };
@@ -535,15 +670,44 @@ mod tests {
     fn truncation_keeps_prompt_end_and_completion_start() {
         let dir = tempfile::tempdir().unwrap();
         let tok = write_tokenizer(dir.path());
-        let t = table(&[("a b c", "d e f", "d"), ("a", "b", "c")], 8);
-        let o = TokenizeOptions { max_prompt_length: Some(2), max_completion_length: Some(2), ..opts(&tok) };
-        let (out, st) = tokenize_pairs(&t, &o).unwrap();
-        assert_eq!(lists::<Int32Type>(&out, "prompt_ids"), [vec![4, 5], vec![1, 3]]);
-        assert_eq!(lists::<Int32Type>(&out, "chosen_ids"), [vec![6, 7], vec![4, 2]]);
-        assert_eq!(lists::<Int32Type>(&out, "rejected_ids"), [vec![6, 2], vec![5, 2]]);
-        assert_eq!((st.truncated_prompts, st.truncated_chosen, st.truncated_rejected), (1, 1, 0));
+        let t = table(&[("a b c", " d e f", " d"), ("a", " b", " c")], 8);
+        for split in [Split::Joint, Split::Separate] {
+            let o = TokenizeOptions { split, max_prompt_length: Some(2), max_completion_length: Some(2), ..opts(&tok) };
+            let (out, st) = tokenize_pairs(&t, &o).unwrap();
+            assert_eq!(lists::<Int32Type>(&out, "prompt_ids"), [vec![4, 5], vec![1, 3]]);
+            assert_eq!(lists::<Int32Type>(&out, "chosen_ids"), [vec![6, 7], vec![4, 2]]);
+            assert_eq!(lists::<Int32Type>(&out, "rejected_ids"), [vec![6, 2], vec![5, 2]]);
+            assert_eq!((st.truncated_prompts, st.truncated_chosen, st.truncated_rejected), (1, 1, 0));
+        }
         let e = tokenize_pairs(&t, &TokenizeOptions { max_completion_length: Some(0), ..opts(&tok) }).unwrap_err();
         assert!(e.to_string().contains("max_completion_length must be at least 1"), "{e}");
+    }
+
+    #[test]
+    fn joint_splits_at_the_shorter_common_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = write_tokenizer(dir.path());
+        // Row 0: "a b" + "c" is "a bc", an unknown word: the prompt's "b" is not in the joint
+        // encoding, so both completions start after "<s> a" (the rejected one with "b").
+        // Row 1: no merge; a completion ending with the EOS text gets no second one.
+        let t = table(&[("a b", "c", " d"), ("a ", "b", "c </s>")], 8);
+        let (out, st) = tokenize_pairs(&t, &opts(&tok)).unwrap();
+        assert_eq!(lists::<Int32Type>(&out, "prompt_ids"), [vec![1, 3], vec![1, 3]]);
+        assert_eq!(lists::<Int32Type>(&out, "chosen_ids"), [vec![0, 2], vec![4, 2]]);
+        assert_eq!(lists::<Int32Type>(&out, "rejected_ids"), [vec![4, 6, 2], vec![5, 2]]);
+        assert_eq!(lists::<Int8Type>(&out, "chosen_completion_mask")[0], [0, 0, 1, 1]);
+        assert_eq!((st.split, st.boundary_cut_prompts, st.boundary_cut_tokens), (Split::Joint, 1, 1));
+        assert_eq!(st.boundary_cut_first, Some(BoundaryCut { row: 0, text: "b".into(), tokens: vec!["b".into()] }));
+        // The length limit applies to the split prompt.
+        let (out, _) = tokenize_pairs(&t, &TokenizeOptions { max_prompt_length: Some(1), ..opts(&tok) }).unwrap();
+        assert_eq!(lists::<Int32Type>(&out, "prompt_ids"), [vec![3], vec![3]]);
+
+        let (out, st) = tokenize_pairs(&t, &TokenizeOptions { split: Split::Separate, ..opts(&tok) }).unwrap();
+        assert_eq!(lists::<Int32Type>(&out, "prompt_ids"), [vec![1, 3, 4], vec![1, 3]]);
+        assert_eq!(lists::<Int32Type>(&out, "chosen_ids"), [vec![5, 2], vec![4, 2]]);
+        assert_eq!((st.split, st.boundary_cut_prompts, st.boundary_cut_first), (Split::Separate, 0, None));
+        assert_eq!("separate".parse::<Split>(), Ok(Split::Separate));
+        assert!("both".parse::<Split>().unwrap_err().contains("expected joint or separate"));
     }
 
     #[test]
@@ -572,7 +736,7 @@ mod tests {
     fn eos_from_tokenizer_config() {
         let dir = tempfile::tempdir().unwrap();
         let tok = write_tokenizer(dir.path());
-        let t = table(&[("a", "b", "c </s>")], 8);
+        let t = table(&[("a", " b", " c </s>")], 8);
         let auto = TokenizeOptions { eos: Eos::Auto, ..opts(&tok) };
         let (_, st) = tokenize_pairs(&t, &auto).unwrap();
         assert_eq!((st.eos_id, st.eos_from.as_str()), (None, "none"));
@@ -597,9 +761,17 @@ mod tests {
         std::fs::write(&bad, "{\"model\": 3}").unwrap();
         let e = tokenize_pairs(&t, &opts(&bad)).unwrap_err().to_string();
         assert!(e.contains("bad.json: not a valid tokenizer.json"), "{e}");
-        let e = tokenize_pairs(&t, &TokenizeOptions { eos: Eos::Off, ..opts(&tok) }).unwrap_err().to_string();
-        assert!(e.starts_with("t: row 1, field 'chosen': chosen encodes to no tokens"), "{e}");
+        let separate = TokenizeOptions { eos: Eos::Off, split: Split::Separate, ..opts(&tok) };
+        let e = tokenize_pairs(&t, &separate).unwrap_err().to_string();
+        assert!(e.starts_with("t: row 1, field 'chosen': chosen encodes to no tokens and there is no EOS"), "{e}");
         tokenize_pairs(&t, &opts(&tok)).unwrap(); // with an EOS, an empty completion is [EOS]
+        // Joint: "a " + "" encodes to the prompt's own ids, nothing after them.
+        let joint = table(&[("a ", " b", " c"), ("a ", "", " c")], 8);
+        let e = tokenize_pairs(&joint, &TokenizeOptions { eos: Eos::Off, ..opts(&tok) }).unwrap_err().to_string();
+        let want = "t: row 1, field 'chosen': chosen encodes to no tokens after the prompt and there is no EOS";
+        assert!(e.starts_with(want), "{e}");
+        let (out, _) = tokenize_pairs(&joint, &opts(&tok)).unwrap();
+        assert_eq!(lists::<Int32Type>(&out, "chosen_ids")[1], [2]);
 
         let schema = Arc::new(Schema::new(vec![Field::new("prompt", DataType::Utf8, true), Field::new("chosen", DataType::Utf8, true)]));
         let b = RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from(vec!["a"])), Arc::new(StringArray::from(vec!["b"]))]).unwrap();
