@@ -284,7 +284,12 @@ def test_joint_matches_trl_where_tokens_merge(tokenizers_dir, kind):
     done = joint.table.column("chosen_ids").to_pylist()[3]
     # No second EOS (the BERT-like post-processor adds its own [SEP] after the text's).
     assert done[-1] == eos_id and done.count(eos_id) == (2 if kind == "wordpiece" else 1)
-    assert joint.stats["boundary_cut_prompts"] > 0
+    # The stats count what TRL left out: rows, and prompt tokens (several in a row for some).
+    full = [len(Tokenizer.from_file(str(path)).encode(r[0]).ids) for r in rows]
+    lost = [n - len(w[0]) for n, w in zip(full, want)]
+    assert joint.stats["boundary_cut_prompts"] == sum(n > 0 for n in lost) > 0
+    assert joint.stats["boundary_cut_tokens"] == sum(lost)
+    assert joint.stats["boundary_cut_first"]["row"] == next(i for i, n in enumerate(lost) if n)
     assert "prompt end cut" in joint.summary()
 
     separate = prefops.tokenize_pairs(table, path, eos_token=eos, split="separate")
