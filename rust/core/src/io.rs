@@ -54,10 +54,13 @@ impl Chunk {
     ) -> Result<()> {
         match self {
             Chunk::Lines { buf, first_line } => {
-                let mut line_no = *first_line;
-                for line in buf.split(|&b| b == b'\n') {
+                let mut start = 0;
+                // The same pieces as `buf.split(|&b| b == b'\n')`, found with memchr.
+                let ends = memchr::memchr_iter(b'\n', buf).chain(std::iter::once(buf.len()));
+                for (line_no, end) in (*first_line..).zip(ends) {
+                    let line = &buf[start..end];
+                    start = end + 1;
                     let loc = Loc::Line(line_no);
-                    line_no += 1;
                     let line = line.strip_suffix(b"\r").unwrap_or(line);
                     if line.iter().all(u8::is_ascii_whitespace) {
                         continue;
@@ -84,7 +87,12 @@ impl Chunk {
     }
 }
 
-fn parse_json(bytes: &[u8]) -> std::result::Result<Value<'_>, RecordError> {
+/// Parse one record: the hand-written parser for the usual case, serde_json for anything it
+/// declines (including every malformed record, so that errors read as serde words them).
+pub fn parse_json(bytes: &[u8]) -> std::result::Result<Value<'_>, RecordError> {
+    if let Some(value) = crate::json::parse_fast(bytes) {
+        return Ok(value);
+    }
     serde_json::from_slice::<Value>(bytes).map_err(|e| {
         let col = e.column();
         let near = bytes.get(col.saturating_sub(1)..).unwrap_or_default();
@@ -568,5 +576,34 @@ impl Staged {
         let dest = self.dest;
         self.tmp.persist(&dest).map_err(|e| PrepError::io(&dest, e.error))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jsonl_lines_keep_their_numbers_and_serde_error_messages() {
+        // CRLF, a blank and a whitespace-only line, a malformed line, no final newline.
+        let buf = b"{\"a\":1}\r\n\n \t\n{\"a\":\"x\\ny\"}\n{\"a\": 01}\n[NaN]\n{\"a\":3}".to_vec();
+        let chunk = Chunk::Lines { buf, first_line: 10 };
+        let mut seen = Vec::new();
+        chunk
+            .for_each_record(|loc, parsed| {
+                seen.push(format!("{loc}: {}", parsed.map(|v| v.to_json()).unwrap_or_else(|e| e.message)));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(
+            seen,
+            [
+                r#"line 10: {"a":1}"#,
+                r#"line 13: {"a":"x\ny"}"#,
+                "line 14: malformed JSON at column 8: invalid number",
+                "line 15: malformed JSON at column 2: NaN and Infinity are not JSON; write null or a finite number",
+                r#"line 16: {"a":3}"#,
+            ]
+        );
     }
 }

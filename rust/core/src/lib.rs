@@ -9,6 +9,7 @@ pub mod arrow_out;
 pub mod error;
 pub mod formats;
 pub mod io;
+pub mod json;
 pub mod knn;
 pub mod model;
 pub mod output;

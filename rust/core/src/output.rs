@@ -233,13 +233,6 @@ impl ContentJson<'_, '_> {
 /// at a time, and runs with nothing to escape are copied whole: serde_json looks up every
 /// byte, which made escaping an eighth of a JSONL prep run.
 pub(crate) fn write_json_str(buf: &mut Vec<u8>, s: &str) {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    // Non-zero iff a byte of `w` is below 0x20, or is '"' or '\\' (exact as a yes/no).
-    let needs_escape = |w: u64| {
-        let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
-        (w.wrapping_sub(ONES * 0x20) & !w & HIGHS) | zero_byte(w ^ (ONES * b'"' as u64)) | zero_byte(w ^ (ONES * b'\\' as u64))
-    };
     let bytes = s.as_bytes();
     buf.reserve(bytes.len() + 2);
     buf.push(b'"');
@@ -248,7 +241,8 @@ pub(crate) fn write_json_str(buf: &mut Vec<u8>, s: &str) {
     while i < bytes.len() {
         if i + 8 <= bytes.len() {
             let word = u64::from_le_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
-            if needs_escape(word) == 0 {
+            // Non-zero iff a byte of the word is below 0x20, or is '"' or '\\'.
+            if crate::json::special_bytes(word) == 0 {
                 i += 8;
                 continue;
             }
