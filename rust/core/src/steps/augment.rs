@@ -157,7 +157,32 @@ pub fn format_score(x: f64) -> String {
         Some(m) => ("-", m),
         None => ("", mantissa),
     };
-    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    let mut digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    let mut exp = exp;
+    // Two shortest candidates can be equally near x (x = 562949953421312.25: .2 or .3). Python
+    // takes the even one, Rust may not: decide such ties from x's exact decimal expansion (a
+    // double's has < 800 significant digits). Only long digit strings can tie.
+    if digits.len() >= 12 {
+        let exact = format!("{:.800e}", x.abs());
+        let (m, e) = exact.split_once('e').expect("LowerExp has an exponent");
+        let all: String = m.chars().filter(|c| *c != '.').collect();
+        let n = digits.len();
+        let rest = &all[n..];
+        if e.parse::<i32>() == Ok(exp) && rest.starts_with('5') && rest[1..].bytes().all(|b| b == b'0') {
+            let lower: u128 = all[..n].parse().expect("decimal digits");
+            let even = lower + (lower % 2);
+            let mut text = even.to_string();
+            let even_exp = if text.len() > n { exp + 1 } else { exp };
+            while text.len() > 1 && text.ends_with('0') {
+                text.pop();
+            }
+            // Only if it reads back as x: beside a power of two the lower neighbour is nearer,
+            // so one of the two may not round-trip (2^-24: only …063 does).
+            if format!("{}.{}e{even_exp}", &text[..1], &text[1..]).parse::<f64>() == Ok(x.abs()) {
+                (digits, exp) = (text, even_exp);
+            }
+        }
+    }
     if (-4..16).contains(&exp) {
         if exp < 0 {
             format!("{sign}0.{}{digits}", "0".repeat((-exp - 1) as usize))
