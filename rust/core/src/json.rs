@@ -417,7 +417,7 @@ const HIGHS: u64 = 0x8080_8080_8080_8080;
 /// spurious, as a borrow only moves upward). A byte below `k` is one where `w - k*ONES` sets
 /// bit 7 while `w` has it clear; a byte equal to `c` is a byte of `w ^ c*ONES` below 1.
 #[inline]
-pub(crate) fn special_bytes(w: u64) -> u64 {
+fn special_bytes(w: u64) -> u64 {
     let quote = w ^ (ONES * b'"' as u64);
     let backslash = w ^ (ONES * b'\\' as u64);
     // `!w` has the same high bits as `!quote` and `!backslash` (neither constant has bit 7).
@@ -432,7 +432,7 @@ fn word(b: &[u8]) -> u64 {
 /// Two words per step: most strings end within the first 16 bytes, and long ones go at
 /// half the loop overhead.
 #[inline]
-fn find_special(bytes: &[u8], mut i: usize) -> usize {
+pub(crate) fn find_special(bytes: &[u8], mut i: usize) -> usize {
     while let Some(chunk) = bytes.get(i..i + 16) {
         let (lo, hi) = (special_bytes(word(&chunk[..8])), special_bytes(word(&chunk[8..])));
         if lo | hi != 0 {
