@@ -14,7 +14,7 @@ use crossbeam_channel::{bounded, RecvTimeoutError};
 use crate::arrow_out::rows_to_batch;
 use crate::error::{Loc, PrepError, Problem, RecordError, Result};
 use crate::formats::{normalise, Format, ReadOptions};
-use crate::io::{read_file, Chunk, ChunkIter, Encoding, Output, Sink};
+use crate::io::{read_file, BufferPool, Chunk, ChunkIter, Encoding, Output, Sink};
 use crate::list_output::{write_list_jsonl, ListBatchBuilder, ListColumns};
 use crate::lists::{check_labels, make_list, ListOptions};
 use crate::model::Group;
@@ -111,6 +111,8 @@ struct Ctx {
     skip_invalid: bool,
     /// First pass of group-by-prompt: keep normalised groups instead of emitting rows.
     collect_groups: bool,
+    /// Where JSONL chunk buffers and JSONL output buffers go back to after use.
+    buffers: Arc<BufferPool>,
 }
 
 enum Payload {
@@ -212,7 +214,7 @@ fn process(chunk: Chunk, ctx: &Ctx) -> Result<ChunkOut> {
         Encoding::Arrow if ctx.kind == OutputKind::Pairs => Rows::Pairs(PairBatchBuilder::new(ctx.columns)),
         Encoding::Arrow if ctx.kind == OutputKind::Lists => Rows::Lists(ListBatchBuilder::new(ctx.list_columns)),
         Encoding::Arrow => Rows::Values(Vec::new()),
-        Encoding::Jsonl => Rows::Jsonl(Vec::with_capacity(1 << 20)),
+        Encoding::Jsonl => Rows::Jsonl(ctx.buffers.take()),
         Encoding::None => Rows::Counted,
     };
     let mut groups: Vec<(Loc, Group<'static>)> = Vec::new();
@@ -262,6 +264,9 @@ fn process(chunk: Chunk, ctx: &Ctx) -> Result<ChunkOut> {
             Rows::Jsonl(buf) => Payload::Bytes(buf),
         }
     };
+    if let Chunk::Lines { buf, .. } = chunk {
+        ctx.buffers.give(buf);
+    }
     Ok(ChunkOut { loc, payload, stats })
 }
 
@@ -409,11 +414,13 @@ pub fn prep(input: Input, output: &Output, opts: &PrepOptions, interrupted: Inte
     let threads = resolve_threads(opts.threads);
     let encoding = output.encoding()?;
     let position = Arc::new(AtomicU64::new(0));
+    // Enough for every chunk in flight (queued, in a worker, waiting to be written) to come back.
+    let buffers = BufferPool::new(threads * 6 + 4);
     let (source, mut chunks, total, unit_bytes): (String, ChunkIter, Option<u64>, bool) = match input {
         Input::File(path) => {
             let meta = std::fs::metadata(&path).map_err(|e| PrepError::io(&path, e))?;
             let kind = crate::io::sniff(&path)?;
-            let chunks = read_file(&path, opts.chunk_bytes, opts.batch_rows, position.clone())?;
+            let chunks = read_file(&path, opts.chunk_bytes, opts.batch_rows, position.clone(), buffers.clone())?;
             let (total, unit_bytes) = if kind == crate::io::FileKind::Parquet {
                 let rows = parquet::file::reader::FileReader::metadata(
                     &parquet::file::serialized_reader::SerializedFileReader::new(
@@ -488,6 +495,7 @@ pub fn prep(input: Input, output: &Output, opts: &PrepOptions, interrupted: Inte
         encoding,
         skip_invalid: opts.skip_invalid,
         collect_groups: group_first,
+        buffers: buffers.clone(),
     };
 
     let progress = Progress::new(opts.progress, total, unit_bytes);
@@ -497,7 +505,11 @@ pub fn prep(input: Input, output: &Output, opts: &PrepOptions, interrupted: Inte
     let write = |out: ChunkOut, sink: &mut Sink, stats: &mut Stats| -> Result<()> {
         stats.merge(&out.stats);
         match out.payload {
-            Payload::Bytes(b) => sink.write_bytes(&b),
+            Payload::Bytes(b) => {
+                let written = sink.write_bytes(&b);
+                buffers.give(b);
+                written
+            }
             Payload::Batch(b) => sink.write_batch(out.loc, b),
             Payload::Groups(_) | Payload::Nothing => Ok(()),
         }

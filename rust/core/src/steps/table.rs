@@ -94,7 +94,7 @@ pub fn read_table(path: &Path, threads: usize) -> Result<Table> {
         let batches = reader.map(|b| super::cancel::check().and(b)).collect::<Result<Vec<_>>>()?;
         return Table::new(source, schema, batches);
     }
-    let chunks: Vec<Chunk> = read_file(path, 4 << 20, SLICE_ROWS, Arc::new(AtomicU64::new(0)))?
+    let chunks: Vec<Chunk> = read_file(path, 4 << 20, SLICE_ROWS, Arc::new(AtomicU64::new(0)), crate::io::BufferPool::new(0))?
         .map(|c| super::cancel::check().and(c))
         .collect::<Result<Vec<_>>>()?;
     let batches = par_map(&chunks, crate::pipeline::resolve_threads(threads), |chunk| {
