@@ -12,7 +12,6 @@ use arrow_schema::SchemaRef;
 use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use serde_json::value::RawValue;
@@ -20,6 +19,7 @@ use serde_json::value::RawValue;
 use crate::arrow_out::{conform, merged_schema};
 use crate::error::{Loc, Problem, PrepError, RecordError, Result};
 use crate::model::Group;
+use crate::parquet_out::ParallelParquetWriter;
 use crate::value::Value;
 
 /// A unit of work for one thread.
@@ -452,7 +452,7 @@ pub enum Sink {
 }
 
 pub enum ArrowTarget {
-    Parquet { tmp: tempfile::NamedTempFile, writer: Option<ArrowWriter<File>>, dest: PathBuf },
+    Parquet { tmp: tempfile::NamedTempFile, writer: Option<ParallelParquetWriter>, dest: PathBuf, threads: usize },
     Memory(Vec<RecordBatch>),
 }
 
@@ -479,7 +479,8 @@ fn temp_beside(dest: &Path) -> Result<tempfile::NamedTempFile> {
 }
 
 impl Sink {
-    pub fn open(output: &Output, source: &str) -> Result<Sink> {
+    /// `threads`: how many threads may encode Parquet columns at once.
+    pub fn open(output: &Output, source: &str, threads: usize) -> Result<Sink> {
         Ok(match (output, output.encoding()?) {
             (Output::Discard, _) => Sink::Discard,
             (Output::Memory, _) => Sink::Arrow {
@@ -503,7 +504,7 @@ impl Sink {
             (Output::File(dest), _) => Sink::Arrow {
                 pending: Vec::new(),
                 schema: None,
-                target: ArrowTarget::Parquet { tmp: temp_beside(dest)?, writer: None, dest: dest.clone() },
+                target: ArrowTarget::Parquet { tmp: temp_beside(dest)?, writer: None, dest: dest.clone(), threads },
                 source: source.to_string(),
             },
         })
@@ -538,11 +539,11 @@ impl Sink {
                 .map_err(|message| PrepError::Schema { source: source.clone(), loc, message })?;
             match target {
                 ArrowTarget::Memory(out) => out.push(batch),
-                ArrowTarget::Parquet { tmp, writer, .. } => {
+                ArrowTarget::Parquet { tmp, writer, threads, .. } => {
                     if writer.is_none() {
                         let file = tmp.as_file().try_clone().map_err(|e| PrepError::io(tmp.path(), e))?;
                         let props = parquet_properties();
-                        *writer = Some(ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| {
+                        *writer = Some(ParallelParquetWriter::try_new(file, schema.clone(), props, *threads).map_err(|e| {
                             PrepError::Parquet { path: tmp.path().display().to_string(), message: e.to_string() }
                         })?);
                     }
@@ -583,12 +584,12 @@ impl Sink {
                 let schema = schema.unwrap_or_else(empty_schema);
                 match target {
                     ArrowTarget::Memory(batches) => Ok((batches, Some(schema), None)),
-                    ArrowTarget::Parquet { tmp, writer, dest } => {
+                    ArrowTarget::Parquet { tmp, writer, dest, threads } => {
                         let writer = match writer {
                             Some(w) => w,
                             None => {
                                 let file = tmp.as_file().try_clone().map_err(|e| PrepError::io(tmp.path(), e))?;
-                                ArrowWriter::try_new(file, schema.clone(), Some(parquet_properties())).map_err(|e| PrepError::Parquet {
+                                ParallelParquetWriter::try_new(file, schema.clone(), parquet_properties(), threads).map_err(|e| PrepError::Parquet {
                                     path: tmp.path().display().to_string(),
                                     message: e.to_string(),
                                 })?

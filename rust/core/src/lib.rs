@@ -14,6 +14,7 @@ pub mod knn;
 pub mod model;
 pub mod output;
 pub mod pairs;
+pub mod parquet_out;
 pub mod pipeline;
 pub mod rng;
 pub mod stats;

@@ -499,7 +499,7 @@ pub fn prep(input: Input, output: &Output, opts: &PrepOptions, interrupted: Inte
     };
 
     let progress = Progress::new(opts.progress, total, unit_bytes);
-    let mut sink = Sink::open(output, &source)?;
+    let mut sink = Sink::open(output, &source, threads)?;
     let mut stats = Stats::default();
 
     let write = |out: ChunkOut, sink: &mut Sink, stats: &mut Stats| -> Result<()> {

@@ -147,7 +147,7 @@ fn jsonl_bytes(batch: &RecordBatch) -> Result<Vec<u8>> {
 fn write_staged(path: &Path, table: &Table, threads: usize) -> Result<Staged> {
     let output = Output::File(path.to_path_buf());
     let encoding = output.encoding()?;
-    let mut sink = Sink::open(&output, &table.source)?;
+    let mut sink = Sink::open(&output, &table.source, threads.max(1))?;
     let slices = table.slices(SLICE_ROWS);
     match encoding {
         Encoding::Jsonl => {
