@@ -30,6 +30,17 @@ def test_prep_writes_parquet_and_stats(shared_data, tmp_path):
     assert "pairs made" in r.stderr and "tie" in r.stderr
 
 
+def test_prep_no_extra_columns(shared_data, tmp_path):
+    """ImageReward lists carry an `id` column; --no-extra-columns leaves it out and nothing else."""
+    for flags, name in [((), "full.parquet"), (("--no-extra-columns",), "lean.parquet")]:
+        r = run("prep", shared_data / "imagereward_test.json", "-o", tmp_path / name, "-q", *flags)
+        assert r.returncode == 0, r.stderr
+    full, lean = pq.read_table(tmp_path / "full.parquet"), pq.read_table(tmp_path / "lean.parquet")
+    assert "id" in full.column_names
+    assert lean.column_names == [c for c in full.column_names if c != "id"]
+    assert lean.equals(full.select(lean.column_names))
+
+
 def test_bad_input_exit_code_and_message(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"},
                                                {"prompt": "p", "chosen": "a", "rejected": 3}])

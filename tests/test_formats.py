@@ -28,6 +28,33 @@ def test_ultrafeedback_raw_scores_models_and_extras():
     assert (p["chosen"], p["rejected"], p["score_chosen"]) == ("c", "b", 4.5)
 
 
+@pytest.mark.parametrize("kind", ["pairs", "grouped", "unpaired", "lists"])
+def test_extra_columns_false_drops_exactly_the_carried_columns(tmp_path, kind):
+    """The record's other columns (source, models) and the responses' other fields
+    (fine-grained_score, inside grouped rows' responses) go; everything prefops makes stays."""
+    rows = [{"source": f"s{i}", "instruction": f"q{i}", "models": ["m1", "m2", "m3"],
+             "completions": [{"model": f"m{j}", "response": f"r{i}{j}", "overall_score": float((i + j) % 4),
+                              "fine-grained_score": j / 2} for j in range(3)]} for i in range(5)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = prefops.lists if kind == "lists" else prefops.prep
+    options = {} if kind == "lists" else {"kind": kind, "strategy": "best_vs_each"}
+
+    def without_extras(row):
+        # A list's own "models" column (its responses' models) is made by prefops: it stays.
+        row = {k: v for k, v in row.items() if k != "source" and (k != "models" or kind == "lists")}
+        if kind == "grouped":
+            row["responses"] = [{k: v for k, v in r.items() if k != "fine-grained_score"} for r in row["responses"]]
+        return row
+
+    full = run(src, **options).table.to_pylist()
+    lean = run(src, extra_columns=False, **options).table.to_pylist()
+    assert len(full) > 0 and all(without_extras(r) != r for r in full)
+    assert lean == [without_extras(r) for r in full]
+    run(src, tmp_path / "lean.jsonl", extra_columns=False, **options)
+    assert [json.loads(line) for line in (tmp_path / "lean.jsonl").read_text().splitlines()] == lean
+
+
 def test_ultrafeedback_binarized_conversational():
     row = {"prompt": "hi", "prompt_id": "x1",
            "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "good"}],

@@ -80,6 +80,8 @@ def _reader_arguments(p: argparse.ArgumentParser, *, group_help: str, dry_run_he
     p.add_argument("--score-field", help="UltraFeedback completion field holding the score (default overall_score)")
     p.add_argument("--no-dedupe", dest="dedupe", action="store_false", help="keep identical responses")
     p.add_argument("--group-by-prompt", action="store_true", help=group_help)
+    p.add_argument("--no-extra-columns", dest="extra_columns", action="store_false",
+                   help="write only prefops' own columns, not the input's other ones (source, models, ...)")
     p.add_argument("--skip-invalid", action="store_true", help="count and skip bad records instead of stopping")
     p.add_argument("--threads", type=_positive_int, help=f"worker threads (default ${THREADS_ENV} or all CPUs)")
     p.add_argument("--dry-run", action="store_true", help=dry_run_help)
@@ -95,7 +97,7 @@ def _reader_options(args: argparse.Namespace) -> Optional[dict]:
         return None
     return dict(format=args.format, column_map=dict(args.column_map), score_field=args.score_field,
                 dedupe=args.dedupe, skip_invalid=args.skip_invalid, group_by_prompt=args.group_by_prompt,
-                threads=args.threads, progress=sys.stderr.isatty(), dry_run=args.dry_run)
+                extra_columns=args.extra_columns, threads=args.threads, progress=sys.stderr.isatty(), dry_run=args.dry_run)
 
 
 def _build_parser() -> argparse.ArgumentParser:

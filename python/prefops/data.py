@@ -137,6 +137,7 @@ def prep(
     kind: Optional[str] = None,
     skip_invalid: bool = False,
     group_by_prompt: bool = False,
+    extra_columns: bool = True,
     threads: Optional[int] = None,
     progress: bool = False,
     dry_run: bool = False,
@@ -163,6 +164,10 @@ def prep(
             for unpaired input.
         skip_invalid: count and skip bad records instead of raising on the first.
         group_by_prompt: merge rows sharing a prompt id before pairing (holds the data in memory).
+        extra_columns: carry the record's other columns (``source``, ``models``, ...) and, in
+            unpaired and grouped output, the responses' other fields, to the output. False writes
+            only prefops' own columns: smaller files, and faster (Parquet best_vs_each on
+            UltraFeedback: about a quarter less time).
         threads: worker threads; default ``$PREFOPS_NUM_THREADS`` or the CPU count.
         progress: progress bar on stderr (only drawn when stderr is a terminal).
         dry_run: do everything but write.
@@ -188,6 +193,7 @@ def prep(
         kind=kind,
         skip_invalid=skip_invalid,
         group_by_prompt=group_by_prompt,
+        extra_columns=extra_columns,
         threads=threads,
         progress=progress,
         dry_run=dry_run,

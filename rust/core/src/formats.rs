@@ -131,6 +131,8 @@ pub struct ReadOptions {
     pub column_map: Vec<(String, String)>,
     /// Field of each UltraFeedback completion that holds its score (default "overall_score").
     pub score_field: Option<String>,
+    /// Drop the record's and the responses' other fields instead of carrying them to the output.
+    pub drop_extra: bool,
 }
 
 impl ReadOptions {
@@ -425,7 +427,7 @@ pub fn normalise<'a>(record: Value<'a>, format: Format, opts: &ReadOptions) -> R
             ))
         }
     };
-    let (prompt, responses) = match format {
+    let (prompt, mut responses) = match format {
         Format::Trl | Format::UltraFeedbackBinarized => {
             let prompt = prompt_content(require(&mut f, "prompt")?, &"prompt")?;
             let chosen = response_content(require(&mut f, "chosen")?, &"chosen")?;
@@ -603,6 +605,12 @@ pub fn normalise<'a>(record: Value<'a>, format: Format, opts: &ReadOptions) -> R
         return Err(RecordError::new(Problem::MissingField, None, "some responses have a score and some do not"));
     }
     let prompt_id = prompt_id_of(&mut f, &prompt)?;
+    if opts.drop_extra {
+        f.clear();
+        for r in &mut responses {
+            r.extra.clear();
+        }
+    }
     Ok(Group { prompt_id, prompt, responses, extra: f })
 }
 
