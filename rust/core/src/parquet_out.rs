@@ -121,7 +121,7 @@ mod tests {
 
     use arrow_array::builder::{ListBuilder, StringBuilder};
     use arrow_array::{ArrayRef, Float64Array, Int64Array, StringArray, StructArray};
-    use arrow_schema::{DataType, Field, Schema};
+    use arrow_schema::{DataType, Field};
 
     use super::*;
 
