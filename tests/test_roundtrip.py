@@ -58,6 +58,29 @@ def test_cli_convert_round_trip_and_stats(tmp_path):
     assert [c for c, _ in stats["columns"]] == list(_records(src)[0])
 
 
+def test_mixed_type_json_column_is_reported_with_first_lines(tmp_path, capsys):
+    # A number 5 and a string "5" both become the text "5": the one change convert makes to
+    # values, so it is reported (stats, --stats JSON and the summary), not silent.
+    src = tmp_path / "mixed.jsonl"
+    rows = [{"pair_id": f"id{i}", "prompt": f"p{i}", "chosen": "a", "rejected": "b", "score": i, "ok": True}
+            for i in range(6)]
+    rows[3]["score"] = "3"
+    rows[4]["ok"] = None
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    result = prefops.convert(src, tmp_path / "out.parquet")
+    assert result.stats["mixed_type_columns"] == [
+        {"column": "score", "kinds": [["number", "line 1"], ["string", "line 4"]]}]
+    assert pq.read_table(tmp_path / "out.parquet").column("score").to_pylist() == ["0", "1", "2", "3", "4", "5"]
+    assert main(["convert", str(src), "-o", str(tmp_path / "o.jsonl"), "--stats", str(tmp_path / "s.json")]) == 0
+    err = capsys.readouterr().err
+    assert "column 'score' mixes number (first at line 1) and string (first at line 4) values" in err
+    assert "'ok'" not in err and "'prompt'" not in err and "'chosen'" not in err
+    assert json.loads((tmp_path / "s.json").read_text())["mixed_type_columns"][0]["column"] == "score"
+    # Steps other than convert report it too; a clean file reports nothing.
+    assert prefops.flip_labels(src, rate=0.5).stats["mixed_type_columns"][0]["column"] == "score"
+    assert prefops.convert(tmp_path / "out.parquet").stats["mixed_type_columns"] == []
+
+
 def test_prep_reads_back_its_own_pairs_when_scores_are_null(tmp_path):
     # Ranked input (ImageReward) gives pairs with null scores and rank columns; reading them
     # back keeps every pair and takes the margin from the ranks.

@@ -126,6 +126,10 @@ class StepResult:
             pairs = ", ".join(f"{a}/{b}" for a, b in s["swapped_columns"])
             negated = ", ".join(s["negated_columns"]) or "none"
             lines.append(f"  swap             {pairs}; negated: {negated}")
+        for m in s.get("mixed_type_columns") or ():
+            kinds = " and ".join(f"{kind} (first at {where})" for kind, where in m["kinds"])
+            lines.append(f"  warning          column {m['column']!r} mixes {kinds} values: read as text, "
+                         "each non-string value as its JSON text")
         return "\n".join(lines)
 
 
@@ -395,7 +399,8 @@ def convert(
     mixed with floats become Float64, objects become structs whose missing keys are null, and
     a column whose values mix incompatible JSON types (text and numbers, say) is kept as text
     (each non-string value as its JSON). ``stats["columns"]`` lists the Arrow type chosen for
-    each column.
+    each column, and ``stats["mixed_type_columns"]`` (as every step's stats) the columns read as
+    text that way, each with the JSON kinds found and where each first appears.
     """
     table, report = _native.convert(
         _step_source(source),

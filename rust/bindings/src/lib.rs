@@ -271,14 +271,19 @@ fn step_input(source: &Bound<'_, PyAny>) -> PyResult<StepInput> {
 
 /// Runs without the GIL.
 fn load(input: StepInput, threads: usize) -> Result<Table, PrepError> {
+    load_noting(input, threads).map(|(table, _)| table)
+}
+
+/// [`load`], and the JSON columns read as text because their values mix kinds.
+fn load_noting(input: StepInput, threads: usize) -> Result<(Table, Vec<steps::MixedColumn>), PrepError> {
     match input {
-        StepInput::Path(p) => steps::read_table(&p, threads),
+        StepInput::Path(p) => steps::read_table_noting(&p, threads),
         StepInput::Reader(reader) => {
             let schema = reader.schema();
             let batches = reader
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| PrepError::Config(format!("<arrow>: reading the input stream: {e}")))?;
-            Table::new("<arrow>", schema, batches)
+            Ok((Table::new("<arrow>", schema, batches)?, Vec::new()))
         }
     }
 }
@@ -317,8 +322,12 @@ fn run_step(
     let threads = pipeline::resolve_threads(threads);
     let start = std::time::Instant::now();
     let (table, files, stats) = run_detached(py, move || {
-        let table = load(input, threads)?;
-        let (out, files, stats) = work(table, threads)?;
+        let (table, mixed) = load_noting(input, threads)?;
+        let (out, files, mut stats) = work(table, threads)?;
+        // Every step reports them: any step reading JSON may have read a column as text.
+        if let serde_json::Value::Object(map) = &mut stats {
+            map.insert("mixed_type_columns".into(), to_json(&mixed));
+        }
         if files.is_empty() {
             return Ok((Some(out), Vec::new(), stats));
         }

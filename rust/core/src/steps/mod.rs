@@ -30,7 +30,7 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use crate::arrow_out::merge;
 use crate::error::{Loc, PrepError, Problem, RecordError, Result};
 
-pub use table::{read_table, stage_path, write_tables, Table, TableStats};
+pub use table::{read_table, read_table_noting, stage_path, write_tables, MixedColumn, Table, TableStats};
 
 /// Rows per work slice and per output batch.
 pub const SLICE_ROWS: usize = 64 * 1024;

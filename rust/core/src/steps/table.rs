@@ -85,6 +85,63 @@ impl Table {
 /// Read a .jsonl / .jsonl.gz / .json (array or JSONL) / .parquet file into a table. JSON
 /// column types are inferred over the whole file (integers and floats mixed give Float64).
 pub fn read_table(path: &Path, threads: usize) -> Result<Table> {
+    read_table_noting(path, threads).map(|(table, _)| table)
+}
+
+/// The JSON kinds a value can have, in the order reports list them.
+const KINDS: [&str; 6] = ["null", "boolean", "number", "string", "list", "object"];
+
+fn kind_index(v: &Value<'_>) -> usize {
+    match v {
+        Value::Null => 0,
+        Value::Bool(_) => 1,
+        Value::Int(_) | Value::UInt(_) | Value::Float(_) => 2,
+        Value::Str(_) => 3,
+        Value::List(_) => 4,
+        Value::Object(_) => 5,
+    }
+}
+
+/// A top-level JSON column whose values mix kinds that no one Arrow type holds (numbers and
+/// text, say). It is read as text, each non-string value as its JSON text: a number 5 and a
+/// string "5" both become "5", which a user should hear about.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MixedColumn {
+    pub column: String,
+    /// Each non-null kind seen, with where it first appears.
+    pub kinds: Vec<(String, String)>,
+}
+
+impl MixedColumn {
+    pub fn describe(&self) -> String {
+        let kinds: Vec<String> = self.kinds.iter().map(|(k, at)| format!("{k} (first at {at})")).collect();
+        format!(
+            "column '{}' mixes {} values: read as text, each non-string value as its JSON text",
+            self.column,
+            kinds.join(" and ")
+        )
+    }
+}
+
+/// First location of each kind, per column, in first-seen column order.
+type KindsSeen = Vec<(String, [Option<Loc>; 6])>;
+
+fn note_kinds(seen: &mut KindsSeen, loc: Loc, row: &Value<'_>) {
+    let Value::Object(fields) = row else { return };
+    for (name, v) in fields {
+        let slot = match seen.iter().position(|(n, _)| n == name.as_ref()) {
+            Some(i) => &mut seen[i].1,
+            None => {
+                seen.push((name.to_string(), Default::default()));
+                &mut seen.last_mut().expect("just pushed").1
+            }
+        };
+        slot[kind_index(v)].get_or_insert(loc);
+    }
+}
+
+/// [`read_table`], and the JSON columns read as text because their values mix kinds.
+pub fn read_table_noting(path: &Path, threads: usize) -> Result<(Table, Vec<MixedColumn>)> {
     let source = path.display().to_string();
     if !path.is_file() {
         return Err(PrepError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")));
@@ -92,18 +149,20 @@ pub fn read_table(path: &Path, threads: usize) -> Result<Table> {
     if sniff(path)? == FileKind::Parquet {
         let (schema, reader) = parquet_batches(path, SLICE_ROWS)?;
         let batches = reader.map(|b| super::cancel::check().and(b)).collect::<Result<Vec<_>>>()?;
-        return Table::new(source, schema, batches);
+        return Ok((Table::new(source, schema, batches)?, Vec::new()));
     }
     let chunks: Vec<Chunk> = read_file(path, 4 << 20, SLICE_ROWS, Arc::new(AtomicU64::new(0)), crate::io::BufferPool::new(0))?
         .map(|c| super::cancel::check().and(c))
         .collect::<Result<Vec<_>>>()?;
-    let batches = par_map(&chunks, crate::pipeline::resolve_threads(threads), |chunk| {
+    let parts = par_map(&chunks, crate::pipeline::resolve_threads(threads), |chunk| {
         let mut rows: Vec<Value<'_>> = Vec::new();
+        let mut seen = KindsSeen::new();
         chunk.for_each_record(|loc, parsed| {
             let record_error = |error: RecordError| PrepError::Record { source: source.clone(), error: error.at(loc) };
             match parsed {
                 Err(e) => Err(record_error(e)),
                 Ok(v @ Value::Object(_)) => {
+                    note_kinds(&mut seen, loc, &v);
                     rows.push(v);
                     Ok(())
                 }
@@ -114,10 +173,42 @@ pub fn read_table(path: &Path, threads: usize) -> Result<Table> {
                 ))),
             }
         })?;
-        Ok(rows_to_batch(&rows, &[]))
+        Ok((rows_to_batch(&rows, &[]), seen))
     })?;
+    // Chunks are in file order, so the first chunk to see a kind saw it first.
+    let mut seen = KindsSeen::new();
+    for (_, part) in &parts {
+        for (name, locs) in part {
+            let i = match seen.iter().position(|(n, _)| n == name) {
+                Some(i) => i,
+                None => {
+                    seen.push((name.clone(), Default::default()));
+                    seen.len() - 1
+                }
+            };
+            for (slot, loc) in seen[i].1.iter_mut().zip(locs) {
+                if slot.is_none() {
+                    *slot = *loc;
+                }
+            }
+        }
+    }
+    let batches: Vec<RecordBatch> = parts.into_iter().map(|(b, _)| b).collect();
     let schema = merged_schema(batches.iter());
-    Table::new(source, schema, batches)
+    let mixed = seen
+        .into_iter()
+        .filter_map(|(column, locs)| {
+            let text = schema.field_with_name(&column).is_ok_and(|f| f.data_type() == &arrow_schema::DataType::Utf8);
+            let kinds: Vec<(String, String)> = KINDS
+                .iter()
+                .zip(locs)
+                .skip(1) // null mixes with anything
+                .filter_map(|(k, loc)| loc.map(|l| (k.to_string(), l.to_string())))
+                .collect();
+            (text && kinds.iter().any(|(k, _)| k != "string")).then_some(MixedColumn { column, kinds })
+        })
+        .collect();
+    Ok((Table::new(source, schema, batches)?, mixed))
 }
 
 /// `pairs.parquet` → `pairs.stage0.parquet`; `pairs.jsonl.gz` → `pairs.stage0.jsonl.gz`.
@@ -245,6 +336,39 @@ mod tests {
         )
         .unwrap();
         path
+    }
+
+    /// Mixed kinds are found across chunk boundaries (tiny chunks via many rows), with the
+    /// first line of each kind; columns that merge to a real type are not reported.
+    #[test]
+    fn mixed_kind_columns_are_noted_with_their_first_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mixed.jsonl");
+        let mut text = String::new();
+        for i in 0..30_000 {
+            let score = if i == 20_000 { "\"7\"".to_string() } else { i.to_string() };
+            let flag = if i == 5 { "null".to_string() } else { (i % 2 == 0).to_string() };
+            let number = if i % 3 == 0 { "1.5" } else { "2" };
+            let tag = if i == 29_999 { "{\"a\":1}" } else { "\"t\"" };
+            text.push_str(&format!(
+                "{{\"score\":{score},\"flag\":{flag},\"number\":{number},\"tag\":{tag},\"pad\":\"{}\"}}\n",
+                "p".repeat(200)
+            ));
+        }
+        std::fs::write(&path, text).unwrap();
+        for threads in [1, 3] {
+            let (table, mixed) = read_table_noting(&path, threads).unwrap();
+            assert!(table.batches.len() > 1, "the file must span several chunks for this test");
+            let at = |kinds: &[(&str, &str)]| kinds.iter().map(|(k, l)| (k.to_string(), l.to_string())).collect::<Vec<_>>();
+            assert_eq!(
+                mixed,
+                vec![
+                    MixedColumn { column: "score".into(), kinds: at(&[("number", "line 1"), ("string", "line 20001")]) },
+                    MixedColumn { column: "tag".into(), kinds: at(&[("string", "line 1"), ("object", "line 30000")]) },
+                ]
+            );
+            assert!(mixed[0].describe().contains("column 'score' mixes number (first at line 1) and string (first at line 20001)"));
+        }
     }
 
     #[test]
