@@ -12,7 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
-from prefops.losses import diffusion_dpo_loss, diffusion_kto_loss, diffusion_mse, rank_dpo_loss, smpo_loss  # noqa: E402
+from prefops.losses import (diffusion_dpo_loss, diffusion_kto_loss, diffusion_mse, listwise_loss,  # noqa: E402
+                            rank_dpo_loss, smpo_loss)
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -353,15 +354,17 @@ def test_diffusion_kto_kl_clamp_and_override():
 # ---------------------------------------------------------------------------------------------
 
 
-def rank_oracle(x64, r, t, labels, mask, beta):
-    """LiPO-λ over s_i = −β(m_i − r_i), written out with loops."""
+def rank_oracle(x64, r, t, labels, mask, beta, rank_by="labels"):
+    """RankDPO's Eq. 7 over s_i = −β(m_i − r_i), written out with loops; τ from the labels
+    (the paper's Eq. 6) or from the current scores (LiPO-λ)."""
     P, K = labels.shape
     flat = lambda z: z.reshape(P * K, -1)  # noqa: E731
     s = (-beta * (mse64(flat(x64), flat(t)) - mse64(flat(r), flat(t)))).view(P, K)
     total = 0
     for p in range(P):
         idx = [k for k in range(K) if mask[p, k]]
-        order = sorted(idx, key=lambda k: (-s[p, k].item(), k))
+        key = s if rank_by == "scores" else labels
+        order = sorted(idx, key=lambda k: (-key[p, k].item(), k))
         tau = {k: order.index(k) + 1 for k in idx}
         for i in idx:
             for j in idx:
@@ -373,17 +376,39 @@ def rank_oracle(x64, r, t, labels, mask, beta):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_rank_dpo_lipo_lambda_formula(backend):
+@pytest.mark.parametrize("rank_by", [None, "labels", "scores"])
+def test_rank_dpo_lipo_lambda_formula(backend, rank_by):
     P, K = 3, 4
     x, r, t = make((P, K, 2, 5, 3), seed=41)
     labels = torch.tensor([[3.0, 1.0, 2.0, 0.0], [1.0, 1.0, 0.0, 2.0], [2.0, 0.0, 1.0, 9.0]], device=DEVICE)
     mask = torch.tensor([[True] * 4, [True] * 4, [True, True, True, False]], device=DEVICE)
     x64 = leaf64(x)
-    loss, metrics = rank_dpo_loss(x, r, t, labels, list_mask=mask, beta=2500.0, backend=backend)
-    want = rank_oracle(x64, r, t, labels, mask, 2500.0)
+    kw = {} if rank_by is None else {"rank_by": rank_by}
+    loss, metrics = rank_dpo_loss(x, r, t, labels, list_mask=mask, beta=2500.0, backend=backend, **kw)
+    want = rank_oracle(x64, r, t, labels, mask, 2500.0, rank_by=rank_by or "labels")  # the paper's by default
     check(loss, want, x, x64, torch.float32, loss_rtol=1e-4)
     assert torch.autograd.grad(loss, x)[0][2, 3].abs().max() == 0  # padding gets no gradient
     assert "mse/model_chosen" in metrics and "logps/chosen" not in metrics
+
+
+def test_rank_dpo_weights_follow_the_labels_not_the_model_order():
+    # The paper's Δ (τ from the labels) is fixed per list: with logits z_i = s_i, the loss is
+    # Σ Δij·softplus(−(z_i − z_j)) with Δ from the labels alone, whatever order the model
+    # puts the images in. Ranking by scores agrees only when the model's order is the labels'.
+    labels = torch.tensor([[0.9, 0.6, 0.4, 0.1]], dtype=torch.float64)
+    g = 2.0 ** labels[0] - 1
+    inv_d = 1 / torch.log1p(torch.arange(1.0, 5.0, dtype=torch.float64))
+    delta = (g[:, None] - g[None, :]).abs() * (inv_d[:, None] - inv_d[None, :]).abs()
+    better = labels[0][:, None] > labels[0][None, :]
+    for z in ([3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0], [2.0, 3.0, 1.0, 0.0]):
+        s = torch.tensor([z], dtype=torch.float64)
+        want = (delta * F.softplus(-(s[0][:, None] - s[0][None, :])))[better].sum()
+        by_labels = listwise_loss(s, None, labels, beta=1.0, rank_by="labels")[0]
+        torch.testing.assert_close(by_labels, want, rtol=1e-12, atol=0)
+        by_scores = listwise_loss(s, None, labels, beta=1.0)[0]
+        assert (torch.isclose(by_scores, want, rtol=1e-12, atol=0)) == (z == [3.0, 2.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="rank_by"):
+        listwise_loss(s, None, labels, rank_by="model")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -283,21 +283,28 @@ def rank_dpo_loss(
     beta: float = 2500.0,
     loss_type: str = "lipo_lambda",
     normalize_lambda: bool = False,
+    rank_by: str = "labels",
     reduction: str = "mean",
     backend: str = "auto",
 ):
-    """RankDPO (listwise Diffusion-DPO): [P, K, ...] predictions of K images per prompt, all
-    images of a list noised with the same timestep and noise.
+    """RankDPO (listwise Diffusion-DPO; Karthik et al. 2024, arXiv 2410.18013, Eqs. 5-7):
+    [P, K, ...] predictions of K images per prompt, all noised at the same timestep.
 
-    Scores s_i = −β·(m_i − r_i) go through ``listwise_loss`` (fed −m as the "log-probs"):
-    "lipo_lambda" weighs each ordered pair by the LiPO-λ/DCG gain |G_i − G_j|·|1/D(τ_i) − 1/D(τ_j)|,
-    G = 2^ψ − 1, D(τ) = log(1 + τ), τ the rank under the current scores. ``labels`` [P, K] are
-    larger-is-better grades (ties allowed), ``list_mask`` [P, K] marks real images (padding
-    entries must hold finite values). With K = 2 and ``normalize_lambda=True`` (or
-    loss_type="pairwise") this is exactly Diffusion-DPO, original convention, with β_DPO = 2β:
-    the default 2500 matches Diffusion-DPO's 5000. [The exact RankDPO form is unverified against
-    released code.] Metrics: listwise_loss's rewards/*, and mse/model_chosen, mse/model_rejected
-    (MSE of each list's best / worst labelled image).
+    Loss per prompt: −Σ_{ψi>ψj} Δij·log σ(si − sj) with si = −β·(m_i − r_i) (m, r the model's and
+    the reference's MSE to ``target``), Δij = |Gi − Gj|·|1/D(τi) − 1/D(τj)|, G = 2^ψ − 1,
+    D(τ) = log(1 + τ), summed over pairs and averaged over prompts (``listwise_loss``, fed −m as
+    the "log-probs"). ``rank_by="labels"`` (default) ranks τ by the labels, as the paper's Eq. 6
+    and Algorithm 2 do; ``"scores"`` ranks by the current scores (LiPO-λ, and the reading of the
+    paper's Figure 2). The paper's labels are each image's fraction of wins over several reward
+    models, ψ ∈ [0, 1]; pass those for its gain scale (dense ranks 0..K−1 weigh pairs up to ~7×
+    more at K = 4). It writes the squared error as a sum where we take the mean (a constant
+    folded into β, for which it gives no value) and draws noise per image (share it or not: the
+    caller's ``target``). ``labels`` [P, K] are larger-is-better grades (ties allowed),
+    ``list_mask`` [P, K] marks real images (padding entries must hold finite values). With K = 2
+    and ``normalize_lambda=True`` (or loss_type="pairwise") this is exactly Diffusion-DPO,
+    original convention, with β_DPO = 2β: the default 2500 matches Diffusion-DPO's 5000.
+    Metrics: listwise_loss's rewards/*, and mse/model_chosen, mse/model_rejected (MSE of each
+    list's best / worst labelled image).
     """
     if model_pred.dim() < 2 or labels.shape != model_pred.shape[:2]:
         raise ValueError(f"model_pred must be [P, K, ...] with labels [P, K], got {tuple(model_pred.shape)} and "
@@ -307,7 +314,7 @@ def rank_dpo_loss(
     m, r = diffusion_mse(flat(model_pred), flat(ref_pred), flat(target), backend=backend)
     loss, metrics = listwise_loss(-m.view(P, K), -r.view(P, K) if r is not None else None, labels,
                                   list_mask=list_mask, beta=beta, loss_type=loss_type,
-                                  normalize_lambda=normalize_lambda, reduction=reduction)
+                                  normalize_lambda=normalize_lambda, rank_by=rank_by, reduction=reduction)
     metrics["mse/model_chosen"] = -metrics.pop("logps/chosen")
     metrics["mse/model_rejected"] = -metrics.pop("logps/rejected")
     return loss, metrics

@@ -54,6 +54,7 @@ def listwise_loss(
     beta: float = 0.05,
     loss_type: str = "lipo_lambda",
     normalize_lambda: bool = False,
+    rank_by: str = "scores",
     reduction: str = "mean",
 ):
     """Listwise loss and metrics.
@@ -65,14 +66,19 @@ def listwise_loss(
         list_mask: [P, K] bool, True on real responses (default: all).
         loss_type: "lipo_lambda": −Σ_{ψi>ψj} Δij·log σ(si − sj) with
             Δij = |Gi − Gj|·|1/D(τi) − 1/D(τj)|, G = 2^ψ − 1, D(τ) = log(1 + τ), τ the 1-based rank
-            under the current scores (no gradient through ranks or Δ);
+            (no gradient through ranks or Δ);
             "pairwise": the same with Δij = 1; "plackett_luce": listMLE over the label order.
         normalize_lambda: divide each list's Δ by their sum over its pairs (then K = 2 is
             exactly DPO's −log σ(βh)).
+        rank_by: what τ ranks by: "scores", the current model scores (LiPO-λ, as LambdaLoss), or
+            "labels", the true order (RankDPO's Eq. 6; Δ is then fixed per list). Ties rank by
+            position; tied pairs get no weight either way, as |Gi − Gj| = 0.
         reduction: "mean" over prompts, "sum", or "none" ([P]).
     """
     if loss_type not in LISTWISE_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LISTWISE_LOSS_TYPES}, got {loss_type!r}")
+    if rank_by not in ("scores", "labels"):
+        raise ValueError(f"rank_by must be 'scores' or 'labels', got {rank_by!r}")
     if logps.dim() != 2 or labels.shape != logps.shape:
         raise ValueError(f"logps and labels must both be [P, K], got {tuple(logps.shape)} and {tuple(labels.shape)}")
     mask = torch.ones_like(logps, dtype=torch.bool) if list_mask is None else list_mask.bool()
@@ -97,7 +103,7 @@ def listwise_loss(
         if loss_type == "lipo_lambda":
             with torch.no_grad():
                 gains = torch.pow(2.0, psi) - 1.0
-                tau = _ranks(scores, mask).to(scores.dtype)
+                tau = _ranks(scores if rank_by == "scores" else psi, mask).to(scores.dtype)
                 inv_d = 1.0 / torch.log1p(tau)
                 delta = (gains[:, :, None] - gains[:, None, :]).abs() * (inv_d[:, :, None] - inv_d[:, None, :]).abs()
                 delta = delta * better
