@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 WHEELS := target/wheels-dist
 
-.PHONY: demo test test-rust test-python install bench clean
+.PHONY: demo test test-rust test-python lint install bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test-python: install
 	$(BIN)/python -m pytest tests
 
 test: test-rust test-python
+
+# Clippy with warnings as errors (CI runs it after the tests).
+lint:
+	cargo clippy --release --workspace --all-targets --quiet -- -D warnings
 
 bench: install
 	$(BIN)/python benches/bench_prep.py

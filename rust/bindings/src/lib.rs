@@ -312,12 +312,17 @@ fn step_result<'py>(
     Ok((table, report.to_string()))
 }
 
+/// What a step's work gives back: its table, the files to write (path, table), its stats.
+type StepOutput = (Table, Vec<(PathBuf, Table)>, serde_json::Value);
+/// run_step's result: the table (when no file was written), the files, threads, seconds, stats.
+type StepRun = (Option<Table>, Vec<PathBuf>, usize, f64, serde_json::Value);
+
 fn run_step(
     py: Python<'_>,
     source: &Bound<'_, PyAny>,
     threads: usize,
-    work: impl FnOnce(Table, usize) -> Result<(Table, Vec<(PathBuf, Table)>, serde_json::Value), PrepError> + Send,
-) -> PyResult<(Option<Table>, Vec<PathBuf>, usize, f64, serde_json::Value)> {
+    work: impl FnOnce(Table, usize) -> Result<StepOutput, PrepError> + Send,
+) -> PyResult<StepRun> {
     let input = step_input(source)?;
     let threads = pipeline::resolve_threads(threads);
     let start = std::time::Instant::now();

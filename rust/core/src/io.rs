@@ -445,12 +445,15 @@ impl Output {
 /// null in the first chunk still gets its real type).
 const SCHEMA_WINDOW: usize = 8;
 
+// One Sink per run: boxing the larger variant would save nothing worth an indirection.
+#[allow(clippy::large_enum_variant)]
 pub enum Sink {
     Jsonl { tmp: tempfile::NamedTempFile, out: Box<dyn Write + Send>, dest: PathBuf },
     Arrow { pending: Vec<(Loc, RecordBatch)>, schema: Option<SchemaRef>, target: ArrowTarget, source: String },
     Discard,
 }
 
+#[allow(clippy::large_enum_variant)] // one per Sink
 pub enum ArrowTarget {
     Parquet { tmp: tempfile::NamedTempFile, writer: Option<ParallelParquetWriter>, dest: PathBuf, threads: usize },
     Memory(Vec<RecordBatch>),

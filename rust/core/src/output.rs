@@ -388,7 +388,7 @@ impl ContentColumn {
                 b.append(true);
             }
             (ContentColumn::Messages(_), Content::Text(_)) => {
-                self.to_text();
+                self.switch_to_text();
                 self.append(c);
             }
             (ContentColumn::Empty(_), _) => unreachable!("set above"),
@@ -404,7 +404,7 @@ impl ContentColumn {
     }
 
     /// Switch a message column to text, writing the lists so far as JSON.
-    fn to_text(&mut self) {
+    fn switch_to_text(&mut self) {
         if let ContentColumn::Messages(b) = self {
             let list = b.finish();
             let mut text = StringBuilder::new();

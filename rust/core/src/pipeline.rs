@@ -138,6 +138,7 @@ fn first_loc(chunk: &Chunk) -> Loc {
 }
 
 /// Where a chunk's output rows go: Arrow rows, JSONL text, or only counted (dry run).
+#[allow(clippy::large_enum_variant)] // one per chunk in flight
 enum Rows<'a> {
     Values(Vec<Value<'a>>),
     Pairs(PairBatchBuilder<'a>),

@@ -420,9 +420,10 @@ mod tests {
         let opts = FlipOptions { factual: Some(FactualRule::detect(&t).unwrap()), ..Default::default() };
         let (out, st) = flip_labels(&t, &opts).unwrap();
         let flipped = bools(&out, "flipped");
-        for i in 0..200 {
+        assert_eq!(flipped.len(), 200);
+        for (i, &f) in flipped.iter().enumerate() {
             let h = (i % 2, if i % 7 == 0 { None } else { Some((i / 2) % 2) });
-            assert_eq!(flipped[i], h == (1, Some(0)), "row {i}");
+            assert_eq!(f, h == (1, Some(0)), "row {i}");
         }
         assert_eq!(st.flipped_factual, flipped.iter().filter(|&&x| x).count() as u64);
         let labels = st.factual_labels.clone().unwrap();
