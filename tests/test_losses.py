@@ -96,8 +96,20 @@ def test_simpo_formula_and_defaults():
     z = beta * (c / lc - r / lr - ratio)
     want = (-(1 - eps) * logsig(z) - eps * logsig(-z)).mean()
     close(simpo_loss(c, r, lc, lr, label_smoothing=eps)[0], want, (c, r))
-    with_sft = simpo_loss(c, r, lc, lr, sft_weight=0.3)[0]
-    close(with_sft, (-logsig(z) + 0.3 * (-c / lc)).mean(), (c, r))
+    # SFT term: one token-level mean NLL over all chosen tokens (SimPO's trainer, TRL CPO's
+    # cpo_alpha), added after the mean and not sample-weighted; not a mean of per-pair means.
+    w = torch.linspace(0.5, 2.0, c.shape[0], dtype=c.dtype)
+    with_sft, metrics = simpo_loss(c, r, lc, lr, sft_weight=0.3, sample_weights=w)
+    close(with_sft, (w * -logsig(z)).mean() + 0.3 * (-c.sum() / lc.sum()), (c, r))
+    assert not torch.allclose((-c.sum() / lc.sum()), (-c / lc).mean())  # the two readings differ here
+    summed = simpo_loss(c, r, lc, lr, sft_weight=0.3, reduction="sum")[0]
+    close(summed, (-logsig(z)).sum() + 0.3 * c.shape[0] * (-c.sum() / lc.sum()), (c, r))
+    per_pair = simpo_loss(c, r, lc, lr, sft_weight=0.3, reduction="none")[0]
+    torch.testing.assert_close(per_pair.mean(), simpo_loss(c, r, lc, lr, sft_weight=0.3)[0])
+    # Metrics as SimPO/CPO log them: length-averaged log-probs.
+    torch.testing.assert_close(metrics["logps/chosen"], (c / lc).mean().detach())
+    torch.testing.assert_close(metrics["logps/rejected"], (r / lr).mean().detach())
+    torch.testing.assert_close(metrics["nll_loss"], (-c.sum() / lc.sum()).detach())
 
 
 def test_madpo_weights_formula():
@@ -123,8 +135,12 @@ def test_tabpo_diff_weights_by_hand():
     t = torch.tensor([[-100, 5, 6, 7, 8], [-100, -100, 5, 9, 7]])
     mask = t != -100
     w = tabpo_diff_weights(t, mask, factor=1.2)
-    # completions [5,6,7,8] vs [5,9,7]: position 1 differs, position 3 only in the chosen
-    torch.testing.assert_close(w, torch.tensor([[0, 1, 1.2, 1, 1.2], [0, 0, 1, 1.2, 1]], dtype=torch.float32))
+    # completions [5,6,7,8] vs [5,9,7]: position 1 differs; position 3 is only in the chosen, so
+    # (as the TAB-PO source compares k < min(|c|, |r|)) it is not up-weighted
+    torch.testing.assert_close(w, torch.tensor([[0, 1, 1.2, 1, 1], [0, 0, 1, 1.2, 1]], dtype=torch.float32))
+    # The helper's example: chosen [5,6,7] vs rejected [5,6,7,8,9] gives no weight above 1.
+    t2 = torch.tensor([[5, 6, 7, -100, -100], [5, 6, 7, 8, 9]])
+    torch.testing.assert_close(tabpo_diff_weights(t2, t2 != -100), (t2 != -100).to(torch.float32))
 
 
 def test_wpo_pair_weights_formula():

@@ -127,6 +127,9 @@ def test_kto_formula():
     loss, m = kto_loss(S, R, des, kl_logps=KS, ref_kl_logps=KR, beta=beta, desirable_weight=lD, undesirable_weight=lU)
     assert loss.item() == pytest.approx(want, rel=1e-12)
     assert m["kl"].item() == pytest.approx(z0)
+    rw = beta * (S - R)
+    assert m["rewards/margins"].item() == pytest.approx(rw[des].mean().item() - rw[~des].mean().item(), rel=1e-12)
+    assert "rewards/margins" not in kto_loss(S[des], R[des], des[des], kl_logps=KS, ref_kl_logps=KR)[1]
     # gradient w.r.t. the policy log-probs: the formula in float64 autograd (z0 carries none)
     Sg = S.clone().requires_grad_()
     (g,) = torch.autograd.grad(kto_loss(Sg, R, des, kl_logps=KS, ref_kl_logps=KR, beta=beta, desirable_weight=lD,

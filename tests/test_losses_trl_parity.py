@@ -79,6 +79,13 @@ def test_f_divergences(f_div, alpha):
             dict(f_divergence=f_div, f_alpha=alpha))
 
 
+def test_alpha_divergence_default_alpha_is_trls():
+    # Neither side is given alpha: prefops' default must be TRL's (0.5); with 1.0 the
+    # alpha-divergence scores reduce to reverse KL and the loss silently becomes plain DPO.
+    compare(dict(beta=0.2, loss_type="sigmoid"), dict(f_divergence_type="alpha_divergence"),
+            dict(f_divergence="alpha_divergence"))
+
+
 @pytest.mark.parametrize("types,weights", [(["sigmoid", "sft"], [1.0, 0.5]),
                                            (["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]),
                                            (["hinge", "ipo"], [1.0, 2.0])])

@@ -129,7 +129,8 @@ def reference(rows, path, *, add_special_tokens=True, eos=None, max_prompt_lengt
         c, r = comps
         mask = lambda ids: [0] * len(p) + [1] * len(ids)
         lengths = (sum(mask(c)), sum(mask(r)))
-        differ = lambda a, b: [0] * len(p) + [int(k >= len(b) or a[k] != b[k]) for k in range(len(a))]
+        # TAB-PO: 1 where both completions have token k and they differ (k < min(|a|, |b|)).
+        differ = lambda a, b: [0] * len(p) + [int(k < len(b) and a[k] != b[k]) for k in range(len(a))]
         out.append({
             "prompt_ids": p, "chosen_ids": c, "rejected_ids": r,
             "chosen_completion_mask": mask(c), "rejected_completion_mask": mask(r),

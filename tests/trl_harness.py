@@ -23,12 +23,16 @@ class _FakeModel:
 
 
 def trl_dpo_loss(token_logps, completion_mask, ref_chosen_logps, ref_rejected_logps, *, beta, loss_type,
-                 loss_weights=None, label_smoothing=0.0, f_divergence_type="reverse_kl", f_alpha=1.0, ld_alpha=None,
+                 loss_weights=None, label_smoothing=0.0, f_divergence_type="reverse_kl", f_alpha=None, ld_alpha=None,
                  use_weighting=False, log_sum_sq_probs=None, discopop_tau=0.05):
     """TRL's loss and metrics. token_logps: [2B, T-1] log-probs already 0 off the completion
     (what TRL's fused lm head returns); completion_mask: [2B, T] over input_ids."""
     from trl.trainer.dpo_trainer import DPOTrainer
 
+    if f_alpha is None:  # TRL's own default, so that defaults are compared too
+        from trl import DPOConfig
+
+        f_alpha = DPOConfig.__dataclass_fields__["f_alpha_divergence_coef"].default
     tr = object.__new__(DPOTrainer)
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     attrs = dict(

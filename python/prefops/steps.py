@@ -344,8 +344,9 @@ def tokenize_pairs(
     (``P + C`` int8, aligned with ``prompt_ids + chosen_ids``: 0 on the prompt, 1 on the
     completion) and its rejected twin; ``shared_length`` = min(C, R), LD-DPO's l_p;
     ``chosen_diff_mask``/``rejected_diff_mask`` (same alignment): 1 on completion index k when
-    the other completion has no token k or a different one, else 0 (TAB-PO's raw weights are
-    ``completion_mask + (1.2 − 1)·diff_mask``). ``prompt_ids``/``chosen_ids``/``rejected_ids`` are
+    the other completion has a different token k, else 0 (also past the other's end: TAB-PO
+    compares only the first min(C, R) positions); TAB-PO's raw weights are
+    ``completion_mask + (1.2 − 1)·diff_mask``. ``prompt_ids``/``chosen_ids``/``rejected_ids`` are
     what TRL's ``DataCollatorForPreference`` takes; ``prefops.losses.tokenized_pair_batch``
     pads a batch of rows into the losses' ``[2B, T]`` tensors.
 

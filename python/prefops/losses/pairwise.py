@@ -164,7 +164,7 @@ def dpo_loss(
     loss_weights: Optional[Sequence[float]] = None,
     label_smoothing: float = 0.0,
     f_divergence: str = "reverse_kl",
-    f_alpha: float = 1.0,
+    f_alpha: float = 0.5,
     chosen_lengths: Optional[torch.Tensor] = None,
     rejected_lengths: Optional[torch.Tensor] = None,
     sample_weights: Optional[torch.Tensor] = None,
@@ -185,8 +185,10 @@ def dpo_loss(
             combined with ``loss_weights`` (default 1 each), as TRL does. ``"ipo"`` uses
             length-normalised log-ratios (TRL), ``"ipo_sum"`` the paper's sums; ``"nll"`` and
             ``"nll_mean"`` are RPO's two NLL terms (combine them with "sigmoid").
-        label_smoothing: ε of cDPO ("sigmoid"), robust DPO, EXO and AOT.
-        f_divergence / f_alpha: f-divergence DPO scores (TRL's ``f_divergence_type``).
+        label_smoothing: ε of cDPO ("sigmoid"), robust DPO, EXO and AOT. (TRL 1.16's "sigmoid"
+            ignores it; prefops applies cDPO, as its formula asks.)
+        f_divergence / f_alpha: f-divergence DPO scores (TRL's ``f_divergence_type`` and
+            ``f_alpha_divergence_coef``, default 0.5 as TRL's).
         chosen_lengths, rejected_lengths: completion token counts, [B] (needed by "ipo",
             "sigmoid_norm", "nll_mean").
         sample_weights: per-pair weights, [B] (curriculum, MADPO via ``madpo_weights``, Sem-DPO,
@@ -259,13 +261,19 @@ def simpo_loss(
     reduction: str = "mean",
 ):
     """SimPO (no reference): a(y) = S(y)/|y|, z = a(y_w) − a(y_l) − γ/β,
-    loss = −(1−ε)·log σ(βz) − ε·log σ(−βz) (+ sft_weight·(−a(y_w)))."""
+    loss = −(1−ε)·log σ(βz) − ε·log σ(−βz), reduced, + sft_weight·NLL where NLL = −ΣS(y_w)/Σ|y_w|
+    is one token-level mean over every chosen token of the batch, not sample-weighted (the SimPO
+    trainer's and TRL CPO's ``cpo_alpha`` term; with reduction "none" it is added to every pair,
+    with "sum" B times). ``logps/chosen``/``logps/rejected`` are length-averaged, as those
+    trainers log them; with ``sft_weight`` the metrics also hold ``nll_loss``."""
     a_w = chosen_logps / chosen_lengths.to(chosen_logps.dtype).clamp(min=1.0)
     a_l = rejected_logps / rejected_lengths.to(rejected_logps.dtype).clamp(min=1.0)
     z = beta * (a_w - a_l - gamma_beta_ratio)
     per_pair = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
-    if sft_weight:
-        per_pair = per_pair + sft_weight * (-a_w)
     loss = reduce_losses(per_pair, sample_weights, reduction)
-    metrics = preference_metrics(chosen_logps, rejected_logps, beta * a_w, beta * a_l)
+    metrics = preference_metrics(a_w, a_l, beta * a_w, beta * a_l)
+    if sft_weight:
+        nll = -chosen_logps.sum() / chosen_lengths.to(chosen_logps.dtype).sum().clamp(min=1.0)
+        loss = loss + sft_weight * (nll * per_pair.shape[0] if reduction == "sum" else nll)
+        metrics["nll_loss"] = nll.detach()
     return loss, metrics

@@ -34,7 +34,8 @@ def ld_dpo_weights(mask: torch.Tensor, alpha: float) -> torch.Tensor:
 def tabpo_diff_weights(targets: torch.Tensor, mask: torch.Tensor, factor: float = 1.2) -> torch.Tensor:
     """TAB-PO token weights: 1 on completion tokens, × ``factor`` where the chosen and rejected
     completions hold different token ids at the same completion position (aligned by k, the
-    index within the completion; positions past the shorter completion count as different).
+    index within the completion). Positions past the shorter completion have nothing to differ
+    from and stay 1, as in the TAB-PO source (``_apply_diff_weight`` compares k < min(|c|, |r|)).
     ``targets`` and ``mask`` are [2B, T]; returns [2B, T] float weights (0 off the completion)."""
     m = mask.bool()
     B2, T = targets.shape
@@ -46,7 +47,7 @@ def tabpo_diff_weights(targets: torch.Tensor, mask: torch.Tensor, factor: float 
     rows = torch.arange(B2, device=targets.device)[:, None].expand(B2, T)
     packed[rows[m], pos[m]] = targets[m].long()
     pc, pr = _halves(packed)
-    differs = (pc != pr).repeat(2, 1)  # [2B, max_len], symmetric for the pair
+    differs = ((pc != pr) & (pc >= 0) & (pr >= 0)).repeat(2, 1)  # [2B, max_len], within both completions
     w = torch.zeros(B2, T, dtype=torch.float32, device=targets.device)
     w[m] = torch.where(differs[rows[m], pos[m]], factor, 1.0).to(torch.float32)
     return w

@@ -33,8 +33,12 @@ def _metrics(logps, rewards, desirable):
     def mean(x, m):
         return x[m].mean() if bool(m.any()) else nan
 
-    return {"rewards/chosen": mean(rewards, d), "rewards/rejected": mean(rewards, ~d),
-            "logps/chosen": mean(logps.detach(), d), "logps/rejected": mean(logps.detach(), ~d)}
+    out = {"rewards/chosen": mean(rewards, d), "rewards/rejected": mean(rewards, ~d),
+           "logps/chosen": mean(logps.detach(), d), "logps/rejected": mean(logps.detach(), ~d)}
+    # TRL's KTO logs the margin only when the batch holds both kinds.
+    if bool(d.any()) and bool((~d).any()):
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    return out
 
 
 def kto_loss(

@@ -31,8 +31,9 @@
 //! - `shared_length` = `min(C, R)` (LD-DPO's `l_p`: completion token k, 1-based, weighs 1 while
 //!   k ≤ l_p and α after);
 //! - `chosen_diff_mask` (`P + C` int8) = 0 on the prompt; on completion index k (0-based) 1 when
-//!   `k ≥ R` or `chosen_ids[k] != rejected_ids[k]`, else 0 (completions aligned from their first
-//!   token; positions past the shorter one count as different); same for rejected. TAB-PO's raw
+//!   `k < R` and `chosen_ids[k] != rejected_ids[k]`, else 0 (completions aligned from their first
+//!   token; positions past the shorter one have nothing to differ from and stay 0, as in the
+//!   TAB-PO source's `_apply_diff_weight`); same for rejected. TAB-PO's raw
 //!   token weights are `completion_mask + (factor − 1)·diff_mask` (factor 1.2), which is what
 //!   `prefops.losses.tabpo_diff_weights` computes from a padded batch.
 //!
@@ -145,7 +146,7 @@ pub struct TokenizeStats {
     pub mean_rejected_length: f64,
     pub mean_shared_length: f64,
     /// Positions within the shared length where chosen and rejected hold different tokens
-    /// (positions past it always differ).
+    /// (the only positions TAB-PO up-weights).
     pub differing_shared_tokens: u64,
     pub shared_tokens: u64,
     /// Rows whose prompt encoding is not a prefix of a joint encoding, so its end was left out of
@@ -371,9 +372,10 @@ fn mask_column(rows: &[Encoded], completion: impl Fn(&Encoded) -> &[u32], mark: 
     list_array::<arrow_array::types::Int8Type>(&lengths, values, what)
 }
 
-/// Whether completion index `k` of `a` differs from the aligned token of `b`.
+/// Whether completion index `k` of `a` differs from the aligned token of `b` (false past the
+/// end of `b`: TAB-PO compares only the first min(|a|, |b|) positions).
 fn differs(a: &[u32], b: &[u32], k: usize) -> bool {
-    b.get(k) != Some(&a[k])
+    b.get(k).is_some_and(|&t| t != a[k])
 }
 
 pub const OUTPUT_COLUMNS: [&str; 8] = [
@@ -646,9 +648,9 @@ mod tests {
         assert_eq!(lists::<Int32Type>(&out, "rejected_ids"), [vec![5, 7, 8, 2], vec![8, 2]]);
         assert_eq!(lists::<Int8Type>(&out, "chosen_completion_mask"), [vec![0, 0, 0, 1, 1, 1], vec![0, 1, 1]]);
         assert_eq!(lists::<Int8Type>(&out, "rejected_completion_mask"), [vec![0, 0, 0, 1, 1, 1, 1], vec![0, 1, 1]]);
-        // c=c, d≠e, </s>≠f; the rejected's last token has no chosen counterpart.
+        // c=c, d≠e, </s>≠f; the rejected's last token has no chosen counterpart: not marked.
         assert_eq!(lists::<Int8Type>(&out, "chosen_diff_mask"), [vec![0, 0, 0, 0, 1, 1], vec![0, 0, 0]]);
-        assert_eq!(lists::<Int8Type>(&out, "rejected_diff_mask"), [vec![0, 0, 0, 0, 1, 1, 1], vec![0, 0, 0]]);
+        assert_eq!(lists::<Int8Type>(&out, "rejected_diff_mask"), [vec![0, 0, 0, 0, 1, 1, 0], vec![0, 0, 0]]);
         let shared: Vec<i32> = out.batches[0].column_by_name("shared_length").unwrap().as_primitive::<Int32Type>().values().to_vec();
         assert_eq!(shared, [3, 2]);
         assert_eq!((st.rows, st.tokens, st.prompt_tokens, st.shared_tokens, st.differing_shared_tokens), (2, 15, 4, 5, 2));
