@@ -168,7 +168,7 @@ def fifa_filter(
         k: which neighbour's distance (rho_k); needs at least k + 1 prompts.
         metric: ``"cosine"`` (1 - cos) or ``"l2"``. knn / nlist / nprobe / seed: as for
             ``knn_search``.
-        keep_count / keep_fraction: exactly one; a fraction keeps round(fraction · rows).
+        keep_count / keep_fraction: exactly one; a fraction keeps ⌊fraction · rows + 0.5⌋ rows (halves round up, unlike Python's round).
         distance_floor: rho_k below it (duplicate prompts: rho_k = 0) counts as the floor in the
             logarithm; ``stats["floored_prompts"]`` counts them.
         output: .jsonl/.jsonl.gz/.parquet path (atomic), or None for a table.
