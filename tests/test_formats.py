@@ -68,6 +68,20 @@ def test_ultrafeedback_binarized_conversational():
     assert (p["prompt_id"], p["margin"]) == ("x2", 5.0)
 
 
+def test_given_pairs_scored_the_other_way_are_counted_and_reordered():
+    rows = [{"prompt": "p1", "chosen": "a", "rejected": "b", "score_chosen": 2.0, "score_rejected": 7.0},
+            {"prompt": "p2", "chosen": "c", "rejected": "d", "score_chosen": 5.0, "score_rejected": 1.0},
+            {"prompt": "p3", "chosen": "e", "rejected": "f", "score_chosen": 3.0, "score_rejected": 3.0}]
+    r = pairs(rows)
+    assert r.stats["pairs_reordered_by_score"] == 1  # not the tie, not the agreeing pair
+    assert [(p["chosen"], p["rejected"], p["margin"]) for p in r.table.to_pylist()] == [("b", "a", 5.0), ("c", "d", 4.0)]
+    assert "1 given pairs score the rejected response higher" in r.summary()
+    # Rated lists have no given order: nothing to count.
+    assert pairs([{"instruction": "q", "completions": [{"response": "x", "overall_score": 1.0},
+                                                        {"response": "y", "overall_score": 9.0}]}]
+                 ).stats["pairs_reordered_by_score"] == 0
+
+
 def test_nectar_rank_one_is_best():
     row = {"prompt": "\n\nHuman: q\n\nAssistant:", "answers": [
         {"answer": "third", "model": "a", "rank": 3.0}, {"answer": "first", "model": "b", "rank": 1.0},

@@ -75,6 +75,9 @@ class PrepResult:
             f"  rows written     {s['rows_written']:>10,}   pairs made {s['pairs_made']:,}"
             + (f", ties kept {s['ties_kept']:,}" if s["ties_kept"] else ""),
         ]
+        if s.get("pairs_reordered_by_score"):
+            lines.append(f"  warning          {s['pairs_reordered_by_score']:,} given pairs score the rejected response "
+                         "higher: written with the higher-scored one as chosen (labels and scores disagree)")
         lines += _dropped_and_skipped_lines(s)
         h = s["margin_histogram"]
         if h["mean"] is not None:

@@ -165,6 +165,12 @@ impl<'a> Rows<'a> {
 fn emit<'a>(g: &Group<'a>, ctx: &Ctx, stats: &mut Stats, rows: &mut Rows<'a>) {
     stats.prompts += 1;
     stats.responses += g.responses.len() as u64;
+    // Pair formats put the given chosen first and the given rejected second.
+    if matches!(ctx.format, Format::Trl | Format::UltraFeedbackBinarized) && g.responses.len() == 2 {
+        if let (Some(c), Some(r)) = (g.responses[0].score, g.responses[1].score) {
+            stats.pairs_reordered_by_score += (r > c) as u64;
+        }
+    }
     match ctx.kind {
         OutputKind::Pairs => {
             let pairs = make_pairs(g, &ctx.pairs, stats);

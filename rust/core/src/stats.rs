@@ -84,6 +84,10 @@ pub struct Stats {
     pub rows_written: u64,
     pub pairs_made: u64,
     pub ties_kept: u64,
+    /// Given (chosen, rejected) pairs with scores that rate the rejected response higher: the
+    /// pair is written the other way round (preference comes from the scores), so the labels
+    /// or the scores of these rows disagree and deserve a look.
+    pub pairs_reordered_by_score: u64,
     /// Responses, candidate pairs and prompts dropped, by reason.
     pub dropped: BTreeMap<String, u64>,
     pub margin_histogram: MarginHistogram,
@@ -156,6 +160,7 @@ impl Stats {
         self.rows_written += other.rows_written;
         self.pairs_made += other.pairs_made;
         self.ties_kept += other.ties_kept;
+        self.pairs_reordered_by_score += other.pairs_reordered_by_score;
         for (k, v) in &other.dropped {
             *self.dropped.entry(k.clone()).or_default() += v;
         }
