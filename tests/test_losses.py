@@ -187,7 +187,10 @@ def fused_batch(B=3, T=9, H=16, V=50, seed=0, dtype=torch.float32):  # noqa: N80
 @pytest.mark.parametrize("opts", [dict(), dict(ld_alpha=0.5), dict(ld_alpha=0.5, ld_alpha_reference=False),
                                   dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
                                   dict(token_weights="tabpo", normalize_token_weights=True, beta=0.5),
-                                  dict(loss_type="ipo"), dict(use_wpo_weighting=True)])
+                                  dict(loss_type="ipo"), dict(use_wpo_weighting=True),
+                                  dict(ld_alpha=0.5, loss_type=["sigmoid", "nll"], loss_weights=[1.0, 0.3]),
+                                  dict(token_weights="tabpo", normalize_token_weights=True,
+                                       loss_type=["sigmoid", "nll_mean"], loss_weights=[1.0, 0.3])])
 def test_fused_dpo_equals_float64_sequence_path(backend, opts):
     hidden, weight, ref_hidden, targets = fused_batch(seed=len(str(opts)))
     opts = dict(opts)
@@ -229,6 +232,12 @@ def test_fused_dpo_equals_float64_sequence_path(backend, opts):
     want = per.mean()
     if lt == ["sigmoid", "sft"]:
         want = want + 0.5 * (-lp[:B][mask[:B]].mean())
+    # RPO's NLL terms take the plain Σ log p(y_w), not the weighted sums of the preference term.
+    plain = (lp * m).sum(1)[:B]
+    if lt == ["sigmoid", "nll"]:
+        want = want + 0.3 * (-beta * plain).mean()
+    if lt == ["sigmoid", "nll_mean"]:
+        want = want + 0.3 * (-plain / m.sum(1)[:B]).mean()
     torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(metrics["logps/chosen"].double(), s[:B].mean().detach(), atol=1e-4, rtol=1e-5)
     got = torch.autograd.grad(loss, [hidden, weight])

@@ -142,6 +142,9 @@ def _dpo_loss_given_policy(pl: PolicyLogps, weight, targets, *, ref_chosen_logps
 
     loss_types = loss_kwargs.get("loss_type", "sigmoid")
     loss_types = [loss_types] if isinstance(loss_types, str) else list(loss_types)
+    if {"nll", "nll_mean"} & set(loss_types) and (token_weights is not None or ld_alpha is not None
+                                                  or normalize_token_weights):
+        loss_kwargs["chosen_nll_logps"] = pl.halves(pl.sequence())[0]  # RPO's NLL: unweighted S(y_w)
     if "sft" in loss_types:
         cm, _ = pl.halves(pl.mask)
         ct, _ = pl.halves(pl.token_logps)

@@ -81,7 +81,7 @@ def preference_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_re
 def _per_pair_loss(loss_type, *, beta, label_smoothing, delta, chosen_scores, rejected_scores, chosen_logratios,
                    rejected_logratios, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                    chosen_lengths, rejected_lengths, discopop_tau, fdpo_lambda, chosen_hallucinated,
-                   rejected_hallucinated, chosen_token_logps_mean):
+                   rejected_hallucinated, chosen_token_logps_mean, chosen_nll_logps):
     eps = label_smoothing
     if loss_type == "sigmoid":  # DPO; with label smoothing ε: conservative DPO (cDPO)
         z = beta * delta
@@ -130,10 +130,12 @@ def _per_pair_loss(loss_type, *, beta, label_smoothing, delta, chosen_scores, re
         if chosen_token_logps_mean is None:
             raise ValueError("loss_type 'sft' needs chosen_lengths (the token-level mean over the batch)")
         return (-chosen_token_logps_mean).expand(delta.shape[0])
+    # RPO's NLL is on the plain S(y_w), whatever token weights shape the preference term.
+    s_w = chosen_logps if chosen_nll_logps is None else chosen_nll_logps
     if loss_type == "nll":  # RPO, paper form: β·(−S(y_w)); η is this term's loss weight
-        return -beta * chosen_logps
+        return -beta * s_w
     if loss_type == "nll_mean":  # RPO, "average" form: −S(y_w)/|y_w|
-        return -chosen_logps / chosen_lengths.clamp(min=1.0)
+        return -s_w / chosen_lengths.clamp(min=1.0)
     if loss_type == "fdpo":  # F-DPO: −log σ(β·(h − λ·(h_l − h_w)))
         if chosen_hallucinated is None or rejected_hallucinated is None:
             raise ValueError("loss_type 'fdpo' needs chosen_hallucinated and rejected_hallucinated (0/1 per pair)")
@@ -173,6 +175,7 @@ def dpo_loss(
     chosen_hallucinated: Optional[torch.Tensor] = None,
     rejected_hallucinated: Optional[torch.Tensor] = None,
     chosen_token_logps_mean: Optional[torch.Tensor] = None,
+    chosen_nll_logps: Optional[torch.Tensor] = None,
     reduction: str = "mean",
 ):
     """DPO-family loss and TRL-named metrics from per-sequence log-probs.
@@ -194,6 +197,9 @@ def dpo_loss(
         sample_weights: per-pair weights, [B] (curriculum, MADPO via ``madpo_weights``, Sem-DPO,
             WPO, any column); applied to the per-pair loss before the reduction.
         chosen_token_logps_mean: for "sft": the mean log-prob over all chosen completion tokens.
+        chosen_nll_logps: for "nll"/"nll_mean": the plain Σ log p(y_w) when ``chosen_logps`` are
+            token-weighted (LD-DPO, TAB-PO weights; the fused losses pass it); default
+            ``chosen_logps``.
         reduction: "mean" (default), "sum" or "none" (per-pair losses).
 
     Returns:
@@ -240,7 +246,8 @@ def dpo_loss(
             rejected_scores=rejected_scores, chosen_logratios=chosen_logratios, rejected_logratios=rejected_logratios,
             chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
             discopop_tau=discopop_tau, fdpo_lambda=fdpo_lambda, chosen_hallucinated=chosen_hallucinated,
-            rejected_hallucinated=rejected_hallucinated, chosen_token_logps_mean=chosen_token_logps_mean, **lengths)
+            rejected_hallucinated=rejected_hallucinated, chosen_token_logps_mean=chosen_token_logps_mean,
+            chosen_nll_logps=chosen_nll_logps, **lengths)
         per_pair = term * lw if per_pair is None else per_pair + term * lw
     loss = reduce_losses(per_pair, sample_weights, reduction)
     metrics = preference_metrics(chosen_logps, rejected_logps, beta * chosen_logratios, beta * rejected_logratios)
