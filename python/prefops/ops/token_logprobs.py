@@ -332,13 +332,14 @@ def token_logprobs(
     n = t.numel()
     valid = t != ignore_index
     bad = valid & ((t < 0) | (t >= vocab_total) if vocab_total is not None else (t < 0))
-    if bool(bad.any()):
+    # One host sync for both checks (each bool() of a CUDA tensor waits for the device).
+    any_bad, all_valid = torch.stack([bad.any(), valid.all()]).tolist()
+    if any_bad:
         i = int(bad.nonzero()[0, 0])
         where = f"token {i}" if len(shape) == 1 else f"position {tuple(int(c) for c in torch.unravel_index(torch.tensor(i), shape))}"
         limit = f"[0, {vocab_total})" if vocab_total is not None else ">= 0"
         raise ValueError(f"targets at {where} is {int(t[i])}: must be {limit} or ignore_index={ignore_index}")
 
-    all_valid = bool(valid.all()) if n else True
     if all_valid:
         idx = None
         xs, ts = x, t.contiguous()
