@@ -52,6 +52,10 @@ def test_kto_kl_and_bco_delta_are_the_same_on_every_rank(tmp_path):
     kl = max(sum(float((d["KS"] - d["KR"]).mean()) for d in data) / 2, 0.0)
     # BCO: the mean of every reward of every rank.
     rewards = torch.cat([0.1 * (d["S"] - d["R"]) for d in data])
+    # Diffusion-KTO: the mean over ranks of each rank's batch mean of g = mse_ref − mse_model.
+    mse = lambda a, t: ((a - t) ** 2).flatten(1).mean(1)  # noqa: E731
+    dkl = max(sum(float((mse(d["ref"], d["target"]) - mse(d["model"], d["target"])).mean()) for d in data) / 2, 0.0)
     for g in got:
         assert g["kl"] == pytest.approx(kl, rel=1e-12)
         assert g["delta"] == pytest.approx(float(rewards.mean()), rel=1e-12)
+        assert g["diffusion_kl"] == pytest.approx(dkl, rel=1e-9, abs=1e-12)

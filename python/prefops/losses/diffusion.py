@@ -257,7 +257,7 @@ def diffusion_kto_loss(
             import torch.distributed as dist
 
             kl = kl.clone()
-            dist.allreduce_losses(kl, op=dist.ReduceOp.SUM, group=group)
+            dist.all_reduce(kl, op=dist.ReduceOp.SUM, group=group)
             kl = kl / dist.get_world_size(group)
     z0 = kl.detach().to(g.dtype).clamp(min=0)
     d = labels.to(m.device).bool()
