@@ -26,6 +26,8 @@ def tok():
 def _trainers(tok, tmp_path, ref=True, **config):
     model = tiny_causal_lm(len(tok), seed=0)
     ref_model = tiny_causal_lm(len(tok), seed=1) if ref else None
+    # float32 (DPOConfig defaults to bf16): exact parity; bf16 has its own test below.
+    config = {"bf16": False, **config}
     args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=2, report_to=[],
                          logging_steps=1, use_cpu=True, save_strategy="no", **config)
     ds = datasets.Dataset.from_list(ROWS)
@@ -75,7 +77,7 @@ def test_peft_reference_equals_trl(tok, tmp_path):
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     base = tiny_causal_lm(len(tok), seed=0)
     args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=1, report_to=[],
-                         use_cpu=True, save_strategy="no", beta=0.1)
+                         use_cpu=True, save_strategy="no", beta=0.1, bf16=False)
     ds = datasets.Dataset.from_list(ROWS)
     stock = trl.DPOTrainer(model=peft.get_peft_model(copy.deepcopy(base), lora), args=args, train_dataset=ds,
                            processing_class=tok)
@@ -83,6 +85,27 @@ def test_peft_reference_equals_trl(tok, tmp_path):
                              processing_class=tok)
     ours.model.load_state_dict(stock.model.state_dict())  # same random LoRA init
     _compare(stock, ours)
+
+
+def test_mixed_precision_runs_the_backbones_in_bf16_as_trl_does(tok, tmp_path):
+    # Accelerate's bf16 autocast wraps model.forward, which prefops bypasses to reach the
+    # backbone: the trainer must enter it itself. One real training step each, separate references.
+    model, ref_model = tiny_causal_lm(len(tok), seed=0), tiny_causal_lm(len(tok), seed=1)
+    args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=1, report_to=[],
+                         logging_steps=1, use_cpu=True, save_strategy="no", beta=0.2, bf16=True)
+    ds = datasets.Dataset.from_list(ROWS)
+    losses, dtypes = [], []
+    for cls in (trl.DPOTrainer, PrefopsDPOTrainer):
+        t = cls(model=copy.deepcopy(model), ref_model=copy.deepcopy(ref_model), args=args, train_dataset=ds,
+                processing_class=tok)
+        seen = []
+        for m in (t.model, t.ref_model):
+            m.model.layers[0].self_attn.q_proj.register_forward_hook(lambda mod, i, o: seen.append(o.dtype))
+        t.train()
+        losses.append([h["loss"] for h in t.state.log_history if "loss" in h][0])
+        dtypes.append(set(seen))
+    assert dtypes[0] == dtypes[1] == {torch.bfloat16}, dtypes
+    assert losses[1] == pytest.approx(losses[0], rel=2e-3)
 
 
 def test_trainer_trains(tok, tmp_path):

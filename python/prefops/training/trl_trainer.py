@@ -34,7 +34,8 @@ class PrefopsDPOTrainer(DPOTrainer):
         super().__init__(*args, **kwargs)
         self.prefops_backend = prefops_backend
         if getattr(self, "aux_loss_enabled", False):
-            raise ValueError("PrefopsDPOTrainer does not add MoE router aux losses; set use_router_aux_loss off")
+            raise ValueError("PrefopsDPOTrainer does not add MoE router aux losses; set DPOConfig(router_aux_loss_coef=0) "
+                             "or turn output_router_logits off in the model config")
 
     def _prefops_loss_kwargs(self) -> dict:
         return dict(
@@ -49,8 +50,11 @@ class PrefopsDPOTrainer(DPOTrainer):
         ref_model = None
         if not self.precompute_ref_logps and self.ref_model is not None:
             ref_model = self.ref_model
-        loss, metrics = causal_lm_preference_loss(model, inputs, ref_model=ref_model, backend=self.prefops_backend,
-                                                  **self._prefops_loss_kwargs())
+        # Accelerate applies mixed precision by wrapping model.forward; the backbones are called
+        # directly here, so enter its autocast explicitly (bf16=True, DPOConfig's default).
+        with self.accelerator.autocast():
+            loss, metrics = causal_lm_preference_loss(model, inputs, ref_model=ref_model,
+                                                      backend=self.prefops_backend, **self._prefops_loss_kwargs())
         gather = self.accelerator.gather_for_metrics
         for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                      "logps/rejected"):
