@@ -160,6 +160,20 @@ def test_no_reference_is_an_error_and_reference_free_works(tok):
     assert abs(loss.item() - expected.item()) < 1e-5
 
 
+def test_reference_runs_without_dropout_and_keeps_its_mode(tok):
+    policy, ref = _pair(tok)
+    for layer in ref.model.layers:
+        layer.self_attn.attention_dropout = 0.5  # active only in training mode
+    batch = PreferenceCollator(tok)(ROWS)
+    ref.train()
+    losses = [causal_lm_preference_loss(policy, batch, ref_model=ref, beta=0.5)[0].item() for _ in range(3)]
+    assert ref.training  # restored
+    ref.eval()
+    in_eval = causal_lm_preference_loss(policy, batch, ref_model=ref, beta=0.5)[0].item()
+    assert not ref.training
+    assert losses == [in_eval] * 3
+
+
 def test_simpo_through_helper(tok):
     policy, _ = _pair(tok)
     batch = PreferenceCollator(tok)(ROWS)

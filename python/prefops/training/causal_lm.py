@@ -193,9 +193,20 @@ def _shifted_weights(batch):
     return out
 
 
+@contextlib.contextmanager
+def _eval_mode(module):
+    """The reference runs without dropout (TRL prepares it in eval mode); its mode is restored."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
 def _reference_context(model, ref_model):
     if ref_model is not None:
-        return ref_model, contextlib.nullcontext()
+        return ref_model, _eval_mode(ref_model)
     if is_peft_model(model):
         return model, reference_adapters(model)
     return None, None
