@@ -174,6 +174,27 @@ def test_reference_runs_without_dropout_and_keeps_its_mode(tok):
     assert losses == [in_eval] * 3
 
 
+@pytest.mark.parametrize("attrs,temperature", [
+    ({}, 1.0),
+    ({"logit_scale": 0.5}, 2.0),                                  # Cohere: logits × 0.5
+    ({"logits_scaling": 4.0}, 4.0),                               # Granite / MiniCPM3: logits ÷ 4
+    ({"logits_scaling": 4.0, "model_type": "hyperclovax"}, 0.25),  # HyperCLOVA X: logits × 4
+    ({"lm_head_multiplier": 4.0}, 0.25),                          # Falcon-H1
+    ({"output_multiplier": 4.0}, 0.25),                           # Muse, without a soft-cap
+])
+def test_lm_head_reads_each_family_logit_scale(tok, attrs, temperature):
+    from prefops.training.causal_lm import lm_head_of
+
+    model = tiny_causal_lm(len(tok), seed=0)
+    for k, v in attrs.items():
+        setattr(model.config, k, v)
+    assert lm_head_of(model).temperature == pytest.approx(temperature)
+    model.config.final_logit_softcapping = 30.0
+    if temperature != 1.0:  # a multiplier before the cap: refused rather than applied after it
+        with pytest.raises(ValueError, match="before the soft-cap"):
+            lm_head_of(model)
+
+
 def test_simpo_through_helper(tok):
     policy, _ = _pair(tok)
     batch = PreferenceCollator(tok)(ROWS)

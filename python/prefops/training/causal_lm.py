@@ -85,11 +85,27 @@ def lm_head_of(model) -> LMHead:
     temperature, softcap = 1.0, None
     if cfg is not None:
         softcap = getattr(cfg, "final_logit_softcapping", None) or None
-        if getattr(cfg, "logit_scale", None):  # Cohere: logits * scale
-            temperature = 1.0 / float(cfg.logit_scale)
-        if getattr(cfg, "logits_scaling", None):  # Granite: logits / scaling
-            temperature = float(cfg.logits_scaling)
+        scale = _logit_scale(cfg)
+        if scale != 1.0:
+            if softcap is not None:
+                raise ValueError(f"{getattr(cfg, 'model_type', type(inner).__name__)}: a logit multiplier before "
+                                 "the soft-cap is not supported by the fused op (it scales after the cap)")
+            temperature = 1.0 / scale
     return LMHead(head.weight, getattr(head, "bias", None), temperature, softcap)
+
+
+def _logit_scale(cfg) -> float:
+    """What the model multiplies its logits by, read as TRL 1.16 reads it: Cohere's
+    ``logit_scale``, Muse's ``output_multiplier``, Falcon-H1's ``lm_head_multiplier``, else
+    ``logits_scaling`` (HyperCLOVA X multiplies by it; Granite and MiniCPM3 divide)."""
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(cfg, name, None)
+        if value is not None:
+            return float(value)
+    scaling = getattr(cfg, "logits_scaling", None)
+    if scaling is not None:
+        return float(scaling) if getattr(cfg, "model_type", None) == "hyperclovax" else 1.0 / float(scaling)
+    return 1.0
 
 
 def _backbone(inner):
