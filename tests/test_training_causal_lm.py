@@ -195,6 +195,15 @@ def test_lm_head_reads_each_family_logit_scale(tok, attrs, temperature):
             lm_head_of(model)
 
 
+def test_collator_adds_one_eos(tok):
+    eos = tok.eos_token
+    with_eos = PreferenceCollator(tok)([dict(prompt="Human: hi", chosen=" hello" + eos, rejected=" go away")])
+    plain = PreferenceCollator(tok)([dict(prompt="Human: hi", chosen=" hello", rejected=" go away")])
+    assert torch.equal(with_eos["input_ids"], plain["input_ids"])
+    row = plain["input_ids"][0][plain["attention_mask"][0].bool()].tolist()
+    assert row.count(tok.eos_token_id) == 1 and row[-1] == tok.eos_token_id
+
+
 def test_simpo_through_helper(tok):
     policy, _ = _pair(tok)
     batch = PreferenceCollator(tok)(ROWS)

@@ -362,7 +362,12 @@ class PreferenceCollator:
         padding_free: one packed row with ``position_ids`` instead of padded rows.
         reference_logps: ``{pair_id: (ref_chosen, ref_rejected)}`` from
             ``load_reference_logps``; every row then needs a ``pair_id``.
-        add_eos: append the tokenizer's EOS to each completion (as TRL does).
+        add_eos: append the tokenizer's EOS to each completion unless it already ends with it
+            (as TRL does).
+
+    Text rows are encoded as prompt and completion separately, so where tokens would merge
+    across the boundary the ids differ from TRL's joint encoding; ``prefops.tokenize_pairs``
+    (with ``tokenized_pair_batch``) reproduces TRL 1.16's ids exactly.
     """
 
     def __init__(self, tokenizer, *, max_length: Optional[int] = None, max_prompt_length: Optional[int] = None,
@@ -392,7 +397,8 @@ class PreferenceCollator:
         else:
             prompt_ids = tok(prompt, add_special_tokens=True)["input_ids"]
             completion_ids = tok(completion, add_special_tokens=False)["input_ids"]
-            if self.add_eos and tok.eos_token_id is not None:
+            # One EOS: none added when the completion already ends with it (as TRL does).
+            if self.add_eos and tok.eos_token_id is not None and completion_ids[-1:] != [tok.eos_token_id]:
                 completion_ids = completion_ids + [tok.eos_token_id]
         prompt_ids = list(prompt_ids)
         if self.max_prompt_length is not None:
