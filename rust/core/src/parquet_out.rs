@@ -124,8 +124,8 @@ impl Encoders {
         Encoders { jobs: Some(job_tx), queue: job_rx, done: done_rx, threads }
     }
 
-    /// Run every job; the writers come back in their slots.
-    fn run(&self, jobs: Vec<Job>, slots: &mut [Option<ArrowColumnWriter>]) -> Result<()> {
+    /// Run every job; the writers come back in job-index order, with the first error.
+    fn run(&self, jobs: Vec<Job>) -> (Vec<ArrowColumnWriter>, Result<()>) {
         let n = jobs.len();
         let sender = self.jobs.as_ref().expect("encoder queue open until drop");
         for job in jobs {
@@ -138,16 +138,20 @@ impl Encoders {
         while finished.len() < n {
             finished.push(self.done.recv().expect("encoder threads send back every job"));
         }
+        finished.sort_unstable_by_key(|(i, _, _)| *i);
         let mut first_error = None;
-        for (i, writer, outcome) in finished {
-            slots[i] = Some(writer);
-            match outcome {
-                Err(panic) => std::panic::resume_unwind(panic),
-                Ok(Err(e)) if first_error.is_none() => first_error = Some(e),
-                Ok(_) => {}
-            }
-        }
-        first_error.map_or(Ok(()), Err)
+        let writers = finished
+            .into_iter()
+            .map(|(_, writer, outcome)| {
+                match outcome {
+                    Err(panic) => std::panic::resume_unwind(panic),
+                    Ok(Err(e)) if first_error.is_none() => first_error = Some(e),
+                    Ok(_) => {}
+                }
+                writer
+            })
+            .collect();
+        (writers, first_error.map_or(Ok(()), Err))
     }
 }
 
@@ -183,9 +187,8 @@ fn encode(schema: &SchemaRef, writers: &mut Vec<ArrowColumnWriter>, batch: &Reco
     let mut jobs: Vec<(usize, Job)> =
         writers.drain(..).zip(leaves).enumerate().map(|(i, (w, (size, leaf)))| (size, (i, w, leaf))).collect();
     jobs.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
-    let mut slots: Vec<Option<ArrowColumnWriter>> = (0..jobs.len()).map(|_| None).collect();
-    let outcome = encoders.run(jobs.into_iter().map(|(_, job)| job).collect(), &mut slots);
-    writers.extend(slots.into_iter().map(|w| w.expect("every writer came back")));
+    let (back, outcome) = encoders.run(jobs.into_iter().map(|(_, job)| job).collect());
+    writers.extend(back);
     outcome
 }
 

@@ -126,17 +126,22 @@ impl MixedColumn {
 /// First location of each kind, per column, in first-seen column order.
 type KindsSeen = Vec<(String, [Option<Loc>; 6])>;
 
+/// The column's entry, added (with no kind seen yet) when it is new.
+fn kinds_of<'s>(seen: &'s mut KindsSeen, name: &str) -> &'s mut [Option<Loc>; 6] {
+    let i = match seen.iter().position(|(n, _)| n == name) {
+        Some(i) => i,
+        None => {
+            seen.push((name.to_string(), Default::default()));
+            seen.len() - 1
+        }
+    };
+    &mut seen[i].1
+}
+
 fn note_kinds(seen: &mut KindsSeen, loc: Loc, row: &Value<'_>) {
     let Value::Object(fields) = row else { return };
     for (name, v) in fields {
-        let slot = match seen.iter().position(|(n, _)| n == name.as_ref()) {
-            Some(i) => &mut seen[i].1,
-            None => {
-                seen.push((name.to_string(), Default::default()));
-                &mut seen.last_mut().expect("just pushed").1
-            }
-        };
-        slot[kind_index(v)].get_or_insert(loc);
+        kinds_of(seen, name)[kind_index(v)].get_or_insert(loc);
     }
 }
 
@@ -179,14 +184,7 @@ pub fn read_table_noting(path: &Path, threads: usize) -> Result<(Table, Vec<Mixe
     let mut seen = KindsSeen::new();
     for (_, part) in &parts {
         for (name, locs) in part {
-            let i = match seen.iter().position(|(n, _)| n == name) {
-                Some(i) => i,
-                None => {
-                    seen.push((name.clone(), Default::default()));
-                    seen.len() - 1
-                }
-            };
-            for (slot, loc) in seen[i].1.iter_mut().zip(locs) {
+            for (slot, loc) in kinds_of(&mut seen, name).iter_mut().zip(locs) {
                 if slot.is_none() {
                     *slot = *loc;
                 }
