@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from prefops.training import (  # noqa: E402
-    PreferenceCollator, causal_lm_preference_loss, completion_targets, load_reference_logps, lm_head_of,
+    PreferenceCollator, causal_lm_preference_loss, completion_lengths, completion_targets, load_reference_logps, lm_head_of,
     precompute_reference_logps, reference_logps,
 )
 from prefops.demo import tiny_causal_lm, tiny_tokenizer  # noqa: E402
@@ -106,15 +106,18 @@ def test_helper_matches_plain_forward_values_and_grads(tok, tie, backend):
     assert torch.allclose(metrics["logps/rejected"].double(), s[3:].mean(), atol=1e-4)
 
 
-def test_padding_free_pack_equals_padded(tok):
+@pytest.mark.parametrize("loss_type", [["sigmoid", "sft"], ["ipo", "sigmoid_norm"]])
+def test_padding_free_pack_equals_padded(tok, loss_type):
     policy, ref = _pair(tok)
     twin = copy.deepcopy(policy)
     padded = PreferenceCollator(tok)(ROWS)
     packed = PreferenceCollator(tok, padding_free=True)(ROWS)
     assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
     assert packed["input_ids"].shape[1] == int(padded["attention_mask"].sum())
-    a, _ = causal_lm_preference_loss(policy, padded, ref_model=ref, beta=0.2, loss_type=["sigmoid", "sft"])
-    b, _ = causal_lm_preference_loss(twin, packed, ref_model=ref, beta=0.2, loss_type=["sigmoid", "sft"])
+    # per-sequence completion counts, read from the pack's segments and from the padded rows
+    assert completion_lengths(packed).tolist() == padded["completion_mask"].sum(1).tolist()
+    a, _ = causal_lm_preference_loss(policy, padded, ref_model=ref, beta=0.2, loss_type=loss_type)
+    b, _ = causal_lm_preference_loss(twin, packed, ref_model=ref, beta=0.2, loss_type=loss_type)
     a.backward()
     b.backward()
     assert abs(a.item() - b.item()) < 1e-5

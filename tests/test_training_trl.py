@@ -114,3 +114,26 @@ def test_trainer_trains(tok, tmp_path):
     steps = [h for h in ours.state.log_history if "loss" in h]
     assert len(steps) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in steps)
     assert "rewards/accuracies" in steps[0]
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm"])
+def test_length_normalised_losses_count_an_unpredicted_first_completion_token_as_trl(tok, tmp_path, loss_type):
+    # An empty prompt puts a completion token at position 0, which nothing predicts: TRL still
+    # counts it in the length that "ipo" and "sigmoid_norm" divide by (completion_mask.sum).
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tok)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")  # no BOS
+    rows = [dict(r, prompt="") for r in ROWS[:2]] + ROWS[2:]
+    model, ref_model = tiny_causal_lm(len(tok), seed=0), tiny_causal_lm(len(tok), seed=1)
+    args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=1, report_to=[],
+                         logging_steps=1, use_cpu=True, save_strategy="no", beta=0.3, loss_type=[loss_type],
+                         bf16=False)
+    ds = datasets.Dataset.from_list(rows)
+    stock = trl.DPOTrainer(model=copy.deepcopy(model), ref_model=ref_model, args=args, train_dataset=ds,
+                           processing_class=tok)
+    ours = PrefopsDPOTrainer(model=copy.deepcopy(model), ref_model=ref_model, args=args, train_dataset=ds,
+                             processing_class=tok)
+    batch = next(iter(stock.get_train_dataloader()))
+    assert batch["completion_mask"][:, 0].any()  # the case under test is really in the batch
+    _compare(stock, ours)

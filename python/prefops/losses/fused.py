@@ -87,6 +87,7 @@ def dpo_loss_from_hidden(
     ld_alpha_reference: bool = True,
     use_wpo_weighting: bool = False,
     sample_weights: Optional[torch.Tensor] = None,
+    completion_lengths: Optional[torch.Tensor] = None,
     backend: str = "auto",
     chunk_elements: Optional[int] = None,
     **loss_kwargs,
@@ -104,6 +105,10 @@ def dpo_loss_from_hidden(
             implementation did not). Only applies to ``ref_hidden``.
         use_wpo_weighting: WPO: each pair's loss × w(y_w)·w(y_l) (no gradient).
         sample_weights: [B] per-pair weights (curriculum, MADPO, Sem-DPO, ...).
+        completion_lengths: [2B] token counts that "ipo", "sigmoid_norm" and "nll_mean" divide
+            by; default the tokens scored (``targets != ignore_index``). TRL's trainer counts a
+            completion token at position 0 too, which nothing predicts
+            (``prefops.training.completion_lengths`` gives its count).
 
     Returns:
         (loss, metrics) with TRL-named, detached metrics.
@@ -116,14 +121,14 @@ def dpo_loss_from_hidden(
         ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ignore_index=ignore_index,
         temperature=temperature, logit_softcap=logit_softcap, token_weights=token_weights,
         normalize_token_weights=normalize_token_weights, ld_alpha=ld_alpha, ld_alpha_reference=ld_alpha_reference,
-        use_wpo_weighting=use_wpo_weighting, sample_weights=sample_weights, backend=backend,
-        chunk_elements=chunk_elements, **loss_kwargs)
+        use_wpo_weighting=use_wpo_weighting, sample_weights=sample_weights, completion_lengths=completion_lengths,
+        backend=backend, chunk_elements=chunk_elements, **loss_kwargs)
 
 
 def _dpo_loss_given_policy(pl: PolicyLogps, weight, targets, *, ref_chosen_logps, ref_rejected_logps, ref_hidden,
                            ref_weight, ref_bias, ignore_index, temperature, logit_softcap, token_weights,
                            normalize_token_weights, ld_alpha, ld_alpha_reference, use_wpo_weighting, sample_weights,
-                           backend, chunk_elements, **loss_kwargs):
+                           backend, chunk_elements, completion_lengths=None, **loss_kwargs):
     """The part of ``dpo_loss_from_hidden`` after the policy's log-probs (TAB-PO reuses them)."""
     w = _token_weights(pl, token_weights, ld_alpha)
     chosen, rejected = pl.halves(pl.sequence(w, normalize_token_weights))
@@ -152,7 +157,11 @@ def _dpo_loss_given_policy(pl: PolicyLogps, weight, targets, *, ref_chosen_logps
     if use_wpo_weighting:
         wpo = wpo_pair_weights(pl.token_logps, pl.log_sum_p2, pl.mask)
         sample_weights = wpo if sample_weights is None else sample_weights * wpo
-    chosen_lengths, rejected_lengths = pl.halves(pl.lengths)
+    if completion_lengths is not None and tuple(completion_lengths.shape) != tuple(pl.lengths.shape):
+        raise ValueError(f"completion_lengths must be [2B] = {tuple(pl.lengths.shape)}, got "
+                         f"{tuple(completion_lengths.shape)}")
+    lengths = pl.lengths if completion_lengths is None else completion_lengths.to(pl.lengths)
+    chosen_lengths, rejected_lengths = pl.halves(lengths)
     return dpo_loss(chosen, rejected, ref_chosen_logps, ref_rejected_logps, chosen_lengths=chosen_lengths,
                     rejected_lengths=rejected_lengths, sample_weights=sample_weights, **loss_kwargs)
 

@@ -185,6 +185,25 @@ def _model_inputs(batch: Mapping[str, Any]):
     return {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
 
 
+def _is_packed(batch) -> bool:
+    return (batch.get("attention_mask") is None and batch.get("position_ids") is not None
+            and batch["input_ids"].shape[0] == 1)
+
+
+def completion_lengths(batch: Mapping[str, Any]) -> torch.Tensor:
+    """Completion tokens per sequence, [2B], counted as TRL counts them for "ipo" and
+    "sigmoid_norm": every completion token, also one at position 0 (an empty prompt and no BOS)
+    that nothing predicts and so is not scored."""
+    mask = batch["completion_mask"]
+    if not _is_packed(batch):
+        return mask.sum(dim=1)
+    pos = batch["position_ids"].reshape(-1)
+    starts = torch.nonzero(pos == 0).flatten()
+    ends = torch.cat([starts[1:], starts.new_tensor([pos.numel()])])
+    total = torch.cat([mask.new_zeros(1), mask.reshape(-1).cumsum(0)])
+    return total[ends] - total[starts]
+
+
 def _hidden_and_targets(model, batch, token_weights=None):
     kwargs = _model_inputs(batch)
     input_ids = kwargs.pop("input_ids")
@@ -192,7 +211,7 @@ def _hidden_and_targets(model, batch, token_weights=None):
     if hidden.shape[1] != input_ids.shape[1]:  # prompt-learning PEFT prepends virtual tokens
         hidden = hidden[:, -input_ids.shape[1]:]
     pos = batch.get("position_ids")
-    packed = batch.get("attention_mask") is None and pos is not None and input_ids.shape[0] == 1
+    packed = _is_packed(batch)
     targets = completion_targets(input_ids, batch["completion_mask"], attention_mask=batch.get("attention_mask"),
                                  position_ids=pos if packed else None)
     if packed:
@@ -299,6 +318,7 @@ def causal_lm_preference_loss(
         return simpo_loss_from_hidden(hidden, head.weight, targets, **common, **loss_kwargs)
     if loss != "dpo":
         raise ValueError(f"loss must be 'dpo' or 'simpo', got {loss!r}")
+    loss_kwargs.setdefault("completion_lengths", completion_lengths(batch))
     if token_weights is not None:
         loss_kwargs["token_weights"] = token_weights
     if batch.get("sample_weights") is not None:
