@@ -1,6 +1,7 @@
 """One rank of the data-parallel tests (gloo, CPU): each rank computes the loss on its half of the
 pairs through a DDP- or FSDP2-wrapped tiny LM and saves the synchronised (full) gradients.
-Launched twice by the test: ``ddp_worker.py OUT_DIR ddp|fsdp2``."""
+Launched twice by the test: ``ddp_worker.py OUT_DIR MODE``, MODE one of ddp, fsdp1, fsdp2,
+fsdp1_sharded_ref, fsdp2_sharded_ref (the reference model sharded too)."""
 
 import os
 import sys
@@ -10,7 +11,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from prefops.demo import tiny_causal_lm
-from prefops.training import causal_lm_preference_loss
+from prefops.training import causal_lm_preference_loss, reference_logps
 
 VOCAB = 61
 PAIRS_PER_RANK = 3
@@ -51,7 +52,7 @@ def main(out_dir, mode):
     policy, ref = models()
     if mode == "ddp":
         wrapped = DistributedDataParallel(policy)
-    elif mode == "fsdp1":  # FullyShardedDataParallel, one unit per decoder layer + the root
+    elif mode.startswith("fsdp1"):  # FullyShardedDataParallel, one unit per decoder layer + the root
         from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
@@ -63,15 +64,25 @@ def main(out_dir, mode):
         for layer in policy.model.layers:
             fully_shard(layer)
         wrapped = fully_shard(policy)
+    if mode.endswith("_sharded_ref"):  # the reference sharded the same way, as accelerate prepares it
+        if mode.startswith("fsdp1"):
+            ref = FullyShardedDataParallel(ref, auto_wrap_policy=ModuleWrapPolicy({type(ref.model.layers[0])}),
+                                           use_orig_params=True, device_id=torch.device("cpu"))
+        else:
+            for layer in ref.model.layers:
+                fully_shard(layer)
+            ref = fully_shard(ref)
     pairs = list(range(rank * PAIRS_PER_RANK, (rank + 1) * PAIRS_PER_RANK))
     loss, _ = causal_lm_preference_loss(wrapped, batch_of(pairs), ref_model=ref, **LOSS)
     loss.backward()
-    if mode == "fsdp1":
+    if mode.startswith("fsdp1"):
         with wrapped.summon_full_params(wrapped, with_grads=True):
             grads = {n.replace("_fsdp_wrapped_module.", ""): p.grad.clone() for n, p in policy.named_parameters()}
     else:
         grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
                  for n, p in policy.named_parameters()}
+    if mode.endswith("_sharded_ref"):  # the precompute path reads the sharded head too
+        grads["reference_logps"] = torch.stack(reference_logps(ref, batch_of(pairs)))
     torch.save(grads, f"{out_dir}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

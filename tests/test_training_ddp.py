@@ -1,5 +1,6 @@
-"""The causal-LM helper under DistributedDataParallel and FSDP2 (fully_shard), 2 gloo ranks on
-CPU, gives the gradients of one process on the combined batch."""
+"""The causal-LM helper under DistributedDataParallel, FSDP1 and FSDP2 (fully_shard), 2 gloo ranks
+on CPU, gives the gradients of one process on the combined batch; also with the reference model
+sharded, whose lm_head weight FSDP frees right after its no-grad forward."""
 
 import sys
 from pathlib import Path
@@ -14,10 +15,10 @@ sys.path.insert(0, str(HERE))
 import ddp_worker as worker  # noqa: E402
 from launch_ranks import run_ranks  # noqa: E402
 
-from prefops.training import causal_lm_preference_loss  # noqa: E402
+from prefops.training import causal_lm_preference_loss, reference_logps  # noqa: E402
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp1", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp1", "fsdp2", "fsdp1_sharded_ref", "fsdp2_sharded_ref"])
 def test_data_parallel_gradients_equal_single_process_on_combined_batch(tmp_path, mode):
     run_ranks("ddp_worker.py", tmp_path, mode)
 
@@ -27,6 +28,11 @@ def test_data_parallel_gradients_equal_single_process_on_combined_batch(tmp_path
     loss.backward()
     expected = {n: p.grad for n, p in policy.named_parameters()}
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    if mode.endswith("_sharded_ref"):
+        for r, got in enumerate(ranks):
+            pairs = list(range(r * worker.PAIRS_PER_RANK, (r + 1) * worker.PAIRS_PER_RANK))
+            want = torch.stack(reference_logps(ref, worker.batch_of(pairs)))
+            assert torch.allclose(got.pop("reference_logps"), want, atol=1e-5), r
     assert ranks[0].keys() == expected.keys()
     for name, g in expected.items():
         for got in ranks:

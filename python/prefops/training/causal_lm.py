@@ -239,6 +239,25 @@ def _eval_mode(module):
         module.train(was_training)
 
 
+@contextlib.contextmanager
+def _root_parameters_gathered(model):
+    """A sharded reference's own (root) parameters, lm_head.weight among them, gathered: it runs
+    under no_grad, so FSDP1 and FSDP2 free them again right after its forward, before the fused
+    loss reads the weight. Layers keep their own sharding."""
+    if _is_fsdp1(model):
+        with type(model).summon_full_params(model, recurse=False, writeback=False):
+            yield
+        return
+    if callable(getattr(model, "unshard", None)) and callable(getattr(model, "reshard", None)):  # FSDP2
+        model.unshard()
+        try:
+            yield
+        finally:
+            model.reshard()
+        return
+    yield
+
+
 def _reference_context(model, ref_model):
     if ref_model is not None:
         return ref_model, _eval_mode(ref_model)
@@ -332,10 +351,12 @@ def causal_lm_preference_loss(
         if ref_source is None:
             raise ValueError("no reference: pass ref_model=, precomputed ref_chosen_logps/ref_rejected_logps in the "
                              "batch (see precompute_reference_logps), a PEFT model, or reference_free=True")
-        ref_head = lm_head_of(ref_source)
         with torch.no_grad(), context:
             ref_hidden, _, _ = _hidden_and_targets(ref_source, batch)
-        ref = dict(ref_hidden=ref_hidden, ref_weight=ref_head.weight, ref_bias=ref_head.bias)
+        with _root_parameters_gathered(ref_model) if ref_model is not None else contextlib.nullcontext():
+            ref_head = lm_head_of(ref_source)
+            return dpo_loss_from_hidden(hidden, head.weight, targets, **common, ref_hidden=ref_hidden,
+                                        ref_weight=ref_head.weight, ref_bias=ref_head.bias, **loss_kwargs)
     return dpo_loss_from_hidden(hidden, head.weight, targets, **common, **ref, **loss_kwargs)
 
 
@@ -351,11 +372,12 @@ def reference_logps(ref_model, batch: Mapping[str, Any], *, model=None, ld_alpha
     source, context = _reference_context(model, ref_model)
     if source is None:
         raise ValueError("reference_logps needs ref_model= (or a PEFT model= to disable adapters on)")
-    head = lm_head_of(source)
     with context:
         hidden, targets, _ = _hidden_and_targets(source, batch)
-    out = token_logprobs(hidden, head.weight, targets, bias=head.bias, temperature=head.temperature,
-                         logit_softcap=head.logit_softcap, backend=backend, chunk_elements=chunk_elements)
+    with _root_parameters_gathered(ref_model) if ref_model is not None else contextlib.nullcontext():
+        head = lm_head_of(source)
+        out = token_logprobs(hidden, head.weight, targets, bias=head.bias, temperature=head.temperature,
+                             logit_softcap=head.logit_softcap, backend=backend, chunk_elements=chunk_elements)
     mask = targets != IGNORE_INDEX
     weights = mask.float() if ld_alpha is None else ld_dpo_weights(mask, ld_alpha).float() * mask
     return weighted_sequence_logps(out.logps, weights, False).chunk(2)
