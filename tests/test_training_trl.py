@@ -137,3 +137,28 @@ def test_length_normalised_losses_count_an_unpredicted_first_completion_token_as
     batch = next(iter(stock.get_train_dataloader()))
     assert batch["completion_mask"][:, 0].any()  # the case under test is really in the batch
     _compare(stock, ours)
+
+
+def test_collator_ids_equal_trl_tokenization_also_where_tokens_merge_across_the_boundary(tmp_path):
+    from prefops.training import PreferenceCollator
+
+    # A vocabulary with merges (the fixture's 200 tokens are bytes only): " fru" + "it" encode
+    # whole as " fruit", a token that straddles the prompt/completion boundary.
+    tok = tiny_tokenizer([r[k] for r in ROWS for k in r] * 5, vocab_size=400)
+    rows = ROWS + [dict(prompt="Human: name a fru", chosen="it, an apple", rejected="it fox")]
+    args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[],
+                         use_cpu=True, save_strategy="no", bf16=False)
+    stock = trl.DPOTrainer(model=tiny_causal_lm(len(tok), seed=0), ref_model=tiny_causal_lm(len(tok), seed=1),
+                           args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    with pytest.warns(UserWarning, match="not a prefix"):
+        batch = PreferenceCollator(tok)(rows)
+    cut = 0
+    for i, row in enumerate(stock.train_dataset):
+        for s, side in enumerate(("chosen", "rejected")):
+            r = s * len(rows) + i
+            n = int(batch["attention_mask"][r].sum())
+            assert batch["input_ids"][r, :n].tolist() == row["prompt_ids"] + row[f"{side}_ids"], (i, side)
+            assert batch["completion_mask"][r, :n].tolist() == ([0] * len(row["prompt_ids"])
+                                                                + [1] * len(row[f"{side}_ids"])), (i, side)
+        cut += len(tok(rows[i]["prompt"])["input_ids"]) - len(row["prompt_ids"])
+    assert cut > 0  # the merge case really cut into the prompt

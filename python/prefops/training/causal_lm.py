@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -393,6 +394,15 @@ def _as_text_or_messages(value, field: str, index: int):
                      f"got {type(value).__name__}")
 
 
+def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class PreferenceCollator:
     """Rows of ``prefops prep`` output (or any prompt/chosen/rejected records; text or
     conversational) → a tokenized batch in TRL's layout.
@@ -404,12 +414,13 @@ class PreferenceCollator:
         padding_free: one packed row with ``position_ids`` instead of padded rows.
         reference_logps: ``{pair_id: (ref_chosen, ref_rejected)}`` from
             ``load_reference_logps``; every row then needs a ``pair_id``.
-        add_eos: append the tokenizer's EOS to each completion unless it already ends with it
-            (as TRL does).
+        add_eos: append the tokenizer's EOS to each text completion unless it already ends with
+            it (as TRL does; chat templates end turns themselves).
 
-    Text rows are encoded as prompt and completion separately, so where tokens would merge
-    across the boundary the ids differ from TRL's joint encoding; ``prefops.tokenize_pairs``
-    (with ``tokenized_pair_batch``) reproduces TRL 1.16's ids exactly.
+    The ids are TRL 1.16's: the prompt and prompt + completion are each encoded whole, and the
+    completion starts where those diverge (for chosen and rejected alike), so tokens that merge
+    across the boundary belong to the completion. When that cuts into the prompt, a warning
+    says so once (as TRL's does).
     """
 
     def __init__(self, tokenizer, *, max_length: Optional[int] = None, max_prompt_length: Optional[int] = None,
@@ -421,31 +432,41 @@ class PreferenceCollator:
         self.padding_free = padding_free
         self.reference_logps = reference_logps
         self.add_eos = add_eos
+        self._warned_prompt_cut = False
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError("the tokenizer has neither a pad nor an EOS token")
         self.pad_token_id = pad
 
-    def _encode(self, prompt, completion):
+    def _split(self, prompt, completions):
+        """Prompt ids and each completion's ids, split where prompt and prompt + completion diverge."""
         tok = self.tokenizer
         if isinstance(prompt, list):  # conversational: the template renders prompt and prompt+completion
-            prompt_ids = tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
-            full_ids = tok.apply_chat_template(prompt + completion, tokenize=True)
-            if hasattr(prompt_ids, "keys"):
-                prompt_ids, full_ids = prompt_ids["input_ids"], full_ids["input_ids"]
-            if list(full_ids[:len(prompt_ids)]) != list(prompt_ids):
-                raise ValueError("the chat template does not render the prompt as a prefix of prompt + completion")
-            completion_ids = list(full_ids[len(prompt_ids):])
+            def render(messages, **kw):
+                ids = tok.apply_chat_template(messages, tokenize=True, **kw)
+                return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+            prompt_ids = render(prompt, add_generation_prompt=True)
+            fulls = [render(prompt + c) for c in completions]
         else:
-            prompt_ids = tok(prompt, add_special_tokens=True)["input_ids"]
-            completion_ids = tok(completion, add_special_tokens=False)["input_ids"]
-            # One EOS: none added when the completion already ends with it (as TRL does).
-            if self.add_eos and tok.eos_token_id is not None and completion_ids[-1:] != [tok.eos_token_id]:
-                completion_ids = completion_ids + [tok.eos_token_id]
-        prompt_ids = list(prompt_ids)
+            eos = tok.eos_token
+            if self.add_eos and eos:
+                completions = [c if c.endswith(eos) else c + eos for c in completions]
+            prompt_ids = list(tok(prompt)["input_ids"])
+            fulls = [list(tok(prompt + c)["input_ids"]) for c in completions]
+        cut = min(_common_prefix_length(prompt_ids, f) for f in fulls)
+        if cut < len(prompt_ids) and not self._warned_prompt_cut:
+            self._warned_prompt_cut = True
+            warnings.warn(f"the tokenized prompt is not a prefix of the tokenized prompt + completion (tokens merge "
+                          f"across the boundary, or the chat template renders the prompt differently alone); the "
+                          f"completion starts where they diverge, so {tok.decode(prompt_ids[cut:])!r} at the end "
+                          f"of the prompt is left out, as TRL does. Shown once per collator.", stacklevel=3)
+        return prompt_ids[:cut], [f[cut:] for f in fulls]
+
+    def _sequence(self, prompt_ids, completion_ids):
         if self.max_prompt_length is not None:
-            prompt_ids = prompt_ids[-self.max_prompt_length:]
-        ids = prompt_ids + list(completion_ids)
+            prompt_ids = prompt_ids[-self.max_prompt_length:] if self.max_prompt_length > 0 else []
+        ids = prompt_ids + completion_ids
         mask = [0] * len(prompt_ids) + [1] * len(completion_ids)
         if self.max_length is not None:
             ids, mask = ids[:self.max_length], mask[:self.max_length]
@@ -460,11 +481,15 @@ class PreferenceCollator:
                 if key not in row:
                     raise ValueError(f"row {i}: missing field {key!r} (have {sorted(row)})")
             prompt = _as_text_or_messages(row["prompt"], "prompt", i)
+            completions = []
             for side in ("chosen", "rejected"):
                 completion = _as_text_or_messages(row[side], side, i)
                 if isinstance(prompt, list) != isinstance(completion, list):
                     raise ValueError(f"row {i}: prompt and {side} must both be text or both be messages")
-                ids, mask = self._encode(prompt, completion)
+                completions.append(completion)
+            prompt_ids, completion_ids = self._split(prompt, completions)
+            for side, ids in zip(("chosen", "rejected"), completion_ids):
+                ids, mask = self._sequence(prompt_ids, ids)
                 if not any(mask):
                     raise ValueError(f"row {i}: field {side!r} has no tokens left after truncation "
                                      f"(max_length={self.max_length})")
