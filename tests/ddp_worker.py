@@ -1,7 +1,7 @@
 """One rank of the data-parallel tests (gloo, CPU): each rank computes the loss on its half of the
 pairs through a DDP- or FSDP2-wrapped tiny LM and saves the synchronised (full) gradients.
 Launched twice by the test: ``ddp_worker.py OUT_DIR MODE``, MODE one of ddp, fsdp1, fsdp2,
-fsdp1_sharded_ref, fsdp2_sharded_ref (the reference model sharded too)."""
+fsdp1_sharded_ref, fsdp1_sharded_ref_bf16, fsdp2_sharded_ref (the reference model sharded too)."""
 
 import os
 import sys
@@ -64,14 +64,16 @@ def main(out_dir, mode):
         for layer in policy.model.layers:
             fully_shard(layer)
         wrapped = fully_shard(policy)
-    if mode.endswith("_sharded_ref"):  # the reference sharded the same way, as accelerate prepares it
+    if "_sharded_ref" in mode:  # the reference sharded too, as TRL's prepare_fsdp does
         if mode.startswith("fsdp1"):
+            from torch.distributed.fsdp import MixedPrecision
+
+            # bf16: the reference runs in bf16 while summon_full_params gives fp32 parameters
+            mp = MixedPrecision(param_dtype=torch.bfloat16) if mode.endswith("_bf16") else None
             ref = FullyShardedDataParallel(ref, auto_wrap_policy=ModuleWrapPolicy({type(ref.model.layers[0])}),
-                                           use_orig_params=True, device_id=torch.device("cpu"))
+                                           use_orig_params=True, device_id=torch.device("cpu"), mixed_precision=mp)
         else:
-            for layer in ref.model.layers:
-                fully_shard(layer)
-            ref = fully_shard(ref)
+            ref = fully_shard(ref)  # the whole model in one root group, as TRL shards a reference
     pairs = list(range(rank * PAIRS_PER_RANK, (rank + 1) * PAIRS_PER_RANK))
     loss, _ = causal_lm_preference_loss(wrapped, batch_of(pairs), ref_model=ref, **LOSS)
     loss.backward()
@@ -81,7 +83,7 @@ def main(out_dir, mode):
     else:
         grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
                  for n, p in policy.named_parameters()}
-    if mode.endswith("_sharded_ref"):  # the precompute path reads the sharded head too
+    if "_sharded_ref" in mode:  # the precompute path reads the sharded head too
         grads["reference_logps"] = torch.stack(reference_logps(ref, batch_of(pairs)))
     torch.save(grads, f"{out_dir}/rank{rank}.pt")
     dist.barrier()

@@ -309,3 +309,29 @@ def test_dpo_training_learns_a_synthetic_preference():
     loss1, acc1 = evaluate()
     assert loss1 < 0.5 * loss0
     assert acc1 >= 0.95
+
+
+def test_an_unscored_first_completion_token_counts_for_ipo_but_not_for_the_nll_mean(tok):
+    # Empty prompts and no BOS: each completion's first token sits at position 0 and is not
+    # scored. TRL's IPO / sigmoid_norm divide by all completion tokens; the NLL mean is over the
+    # scored ones.
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tok)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")  # no BOS
+    policy, ref = _pair(tok)
+    batch = PreferenceCollator(tok)([dict(r, prompt="") for r in ROWS])
+    assert bool(batch["completion_mask"][:, 0].all())
+    s = _oracle_seq_logps(policy, batch).detach()
+    with torch.no_grad():
+        r = _oracle_seq_logps(ref, batch)
+    n_all = batch["completion_mask"].sum(1).double()
+    n_scored = n_all - 1
+    assert completion_lengths(batch).tolist() == n_all.tolist()
+    B = s.numel() // 2
+    beta = 0.3
+    nll, _ = causal_lm_preference_loss(policy, batch, ref_model=ref, beta=beta, loss_type="nll_mean")
+    assert nll.item() == pytest.approx(-(s[:B] / n_scored[:B]).mean().item(), rel=1e-5)
+    ipo, _ = causal_lm_preference_loss(policy, batch, ref_model=ref, beta=beta, loss_type="ipo")
+    d = (s[:B] - r[:B]) / n_all[:B] - (s[B:] - r[B:]) / n_all[B:]
+    assert ipo.item() == pytest.approx(((d - 1 / (2 * beta)) ** 2).mean().item(), rel=1e-5)

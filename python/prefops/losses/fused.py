@@ -105,10 +105,10 @@ def dpo_loss_from_hidden(
             implementation did not). Only applies to ``ref_hidden``.
         use_wpo_weighting: WPO: each pair's loss × w(y_w)·w(y_l) (no gradient).
         sample_weights: [B] per-pair weights (curriculum, MADPO, Sem-DPO, ...).
-        completion_lengths: [2B] token counts that "ipo", "sigmoid_norm" and "nll_mean" divide
-            by; default the tokens scored (``targets != ignore_index``). TRL's trainer counts a
-            completion token at position 0 too, which nothing predicts
-            (``prefops.training.completion_lengths`` gives its count).
+        completion_lengths: [2B] token counts that "ipo" and "sigmoid_norm" divide by; default
+            the tokens scored (``targets != ignore_index``). TRL's trainer counts a completion
+            token at position 0 too, which nothing predicts (``prefops.training.completion_lengths``
+            gives its count). "nll_mean" always averages over the scored tokens.
 
     Returns:
         (loss, metrics) with TRL-named, detached metrics.
@@ -160,6 +160,8 @@ def _dpo_loss_given_policy(pl: PolicyLogps, weight, targets, *, ref_chosen_logps
     if completion_lengths is not None and tuple(completion_lengths.shape) != tuple(pl.lengths.shape):
         raise ValueError(f"completion_lengths must be [2B] = {tuple(pl.lengths.shape)}, got "
                          f"{tuple(completion_lengths.shape)}")
+    if completion_lengths is not None:
+        loss_kwargs["chosen_nll_lengths"] = pl.halves(pl.lengths)[0]  # nll_mean: the scored tokens
     lengths = pl.lengths if completion_lengths is None else completion_lengths.to(pl.lengths)
     chosen_lengths, rejected_lengths = pl.halves(lengths)
     return dpo_loss(chosen, rejected, ref_chosen_logps, ref_rejected_logps, chosen_lengths=chosen_lengths,

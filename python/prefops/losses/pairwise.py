@@ -81,7 +81,7 @@ def preference_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_re
 def _per_pair_loss(loss_type, *, beta, label_smoothing, delta, chosen_scores, rejected_scores, chosen_logratios,
                    rejected_logratios, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                    chosen_lengths, rejected_lengths, discopop_tau, fdpo_lambda, chosen_hallucinated,
-                   rejected_hallucinated, chosen_token_logps_mean, chosen_nll_logps):
+                   rejected_hallucinated, chosen_token_logps_mean, chosen_nll_logps, chosen_nll_lengths):
     eps = label_smoothing
     if loss_type == "sigmoid":  # DPO; with label smoothing ε: conservative DPO (cDPO)
         z = beta * delta
@@ -135,7 +135,8 @@ def _per_pair_loss(loss_type, *, beta, label_smoothing, delta, chosen_scores, re
     if loss_type == "nll":  # RPO, paper form: β·(−S(y_w)); η is this term's loss weight
         return -beta * s_w
     if loss_type == "nll_mean":  # RPO, "average" form: −S(y_w)/|y_w|
-        return -s_w / chosen_lengths.clamp(min=1.0)
+        n_w = chosen_lengths if chosen_nll_lengths is None else chosen_nll_lengths
+        return -s_w / n_w.clamp(min=1.0)
     if loss_type == "fdpo":  # F-DPO: −log σ(β·(h − λ·(h_l − h_w)))
         if chosen_hallucinated is None or rejected_hallucinated is None:
             raise ValueError("loss_type 'fdpo' needs chosen_hallucinated and rejected_hallucinated (0/1 per pair)")
@@ -176,6 +177,7 @@ def dpo_loss(
     rejected_hallucinated: Optional[torch.Tensor] = None,
     chosen_token_logps_mean: Optional[torch.Tensor] = None,
     chosen_nll_logps: Optional[torch.Tensor] = None,
+    chosen_nll_lengths: Optional[torch.Tensor] = None,
     reduction: str = "mean",
 ):
     """DPO-family loss and TRL-named metrics from per-sequence log-probs.
@@ -200,6 +202,9 @@ def dpo_loss(
         chosen_nll_logps: for "nll"/"nll_mean": the plain Σ log p(y_w) when ``chosen_logps`` are
             token-weighted (LD-DPO, TAB-PO weights; the fused losses pass it); default
             ``chosen_logps``.
+        chosen_nll_lengths: for "nll_mean": the tokens summed in ``chosen_nll_logps``, when
+            ``chosen_lengths`` counts differently (the fused losses pass the scored tokens when
+            "ipo"/"sigmoid_norm" get TRL's completion count); default ``chosen_lengths``.
         reduction: "mean" (default), "sum" or "none" (per-pair losses).
 
     Returns:
@@ -247,7 +252,9 @@ def dpo_loss(
             chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
             discopop_tau=discopop_tau, fdpo_lambda=fdpo_lambda, chosen_hallucinated=chosen_hallucinated,
             rejected_hallucinated=rejected_hallucinated, chosen_token_logps_mean=chosen_token_logps_mean,
-            chosen_nll_logps=chosen_nll_logps, **lengths)
+            chosen_nll_logps=chosen_nll_logps,
+            chosen_nll_lengths=chosen_nll_lengths.to(delta.dtype) if chosen_nll_lengths is not None else None,
+            **lengths)
         per_pair = term * lw if per_pair is None else per_pair + term * lw
     loss = reduce_losses(per_pair, sample_weights, reduction)
     metrics = preference_metrics(chosen_logps, rejected_logps, beta * chosen_logratios, beta * rejected_logratios)

@@ -24,6 +24,7 @@ disabled.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -40,8 +41,8 @@ from prefops.ops.token_logprobs import token_logprobs
 from prefops.training._adapters import is_peft_model, reference_adapters, strip_wrappers
 
 __all__ = [
-    "LMHead", "PreferenceCollator", "causal_lm_preference_loss", "completion_targets", "last_hidden_states",
-    "lm_head_of", "load_reference_logps", "precompute_reference_logps", "reference_logps",
+    "LMHead", "PreferenceCollator", "causal_lm_preference_loss", "completion_lengths", "completion_targets",
+    "last_hidden_states", "lm_head_of", "load_reference_logps", "precompute_reference_logps", "reference_logps",
 ]
 
 IGNORE_INDEX = -100
@@ -240,23 +241,29 @@ def _eval_mode(module):
         module.train(was_training)
 
 
+def _whole(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t  # an FSDP2 DTensor shard
+
+
 @contextlib.contextmanager
-def _root_parameters_gathered(model):
-    """A sharded reference's own (root) parameters, lm_head.weight among them, gathered: it runs
-    under no_grad, so FSDP1 and FSDP2 free them again right after its forward, before the fused
-    loss reads the weight. Layers keep their own sharding."""
-    if _is_fsdp1(model):
-        with type(model).summon_full_params(model, recurse=False, writeback=False):
-            yield
-        return
-    if callable(getattr(model, "unshard", None)) and callable(getattr(model, "reshard", None)):  # FSDP2
-        model.unshard()
-        try:
-            yield
-        finally:
-            model.reshard()
-        return
-    yield
+def _reference_head(ref_model, source, dtype: torch.dtype):
+    """The reference's output layer, whole and in the dtype of its hidden states.
+
+    A sharded reference runs under no_grad, so FSDP frees its root parameters right after its
+    forward, before the fused loss reads lm_head.weight: FSDP1's root unit is gathered again
+    (``summon_full_params(recurse=False)``, full precision under mixed precision, hence the
+    cast); under FSDP2 only the head's shards are (``full_tensor``), not the whole root, which
+    is the whole model as TRL shards a reference."""
+    gather = contextlib.nullcontext()
+    if ref_model is not None and _is_fsdp1(ref_model):
+        gather = type(ref_model).summon_full_params(ref_model, recurse=False, writeback=False)
+    with gather:
+        with torch.no_grad():  # only the gather and cast; the caller's loss keeps its graph
+            head = lm_head_of(source)
+            bias = _whole(head.bias)
+            head = dataclasses.replace(head, weight=_whole(head.weight).to(dtype),
+                                       bias=bias.to(dtype) if bias is not None else None)
+        yield head
 
 
 def _reference_context(model, ref_model):
@@ -354,8 +361,7 @@ def causal_lm_preference_loss(
                              "batch (see precompute_reference_logps), a PEFT model, or reference_free=True")
         with torch.no_grad(), context:
             ref_hidden, _, _ = _hidden_and_targets(ref_source, batch)
-        with _root_parameters_gathered(ref_model) if ref_model is not None else contextlib.nullcontext():
-            ref_head = lm_head_of(ref_source)
+        with _reference_head(ref_model, ref_source, ref_hidden.dtype) as ref_head:
             return dpo_loss_from_hidden(hidden, head.weight, targets, **common, ref_hidden=ref_hidden,
                                         ref_weight=ref_head.weight, ref_bias=ref_head.bias, **loss_kwargs)
     return dpo_loss_from_hidden(hidden, head.weight, targets, **common, **ref, **loss_kwargs)
@@ -375,8 +381,7 @@ def reference_logps(ref_model, batch: Mapping[str, Any], *, model=None, ld_alpha
         raise ValueError("reference_logps needs ref_model= (or a PEFT model= to disable adapters on)")
     with context:
         hidden, targets, _ = _hidden_and_targets(source, batch)
-    with _root_parameters_gathered(ref_model) if ref_model is not None else contextlib.nullcontext():
-        head = lm_head_of(source)
+    with _reference_head(ref_model, source, hidden.dtype) as head:
         out = token_logprobs(hidden, head.weight, targets, bias=head.bias, temperature=head.temperature,
                              logit_softcap=head.logit_softcap, backend=backend, chunk_elements=chunk_elements)
     mask = targets != IGNORE_INDEX

@@ -105,12 +105,14 @@ fn run_detached<T: Send>(py: Python<'_>, work: impl FnOnce() -> Result<T, PrepEr
                     flag.store(true, Ordering::Relaxed);
                 }
             }
-            handle.join()
+            let joined = handle.join();
+            // Still without the GIL: the purge's madvise calls can take milliseconds.
+            if started.elapsed() >= Duration::from_secs(1) {
+                give_back_freed_memory();
+            }
+            joined
         })
     });
-    if started.elapsed() >= Duration::from_secs(1) {
-        give_back_freed_memory();
-    }
     match outcome {
         Ok(r) => r.map_err(to_py_err),
         Err(payload) => Err(panic_error(payload)),
@@ -782,7 +784,8 @@ fn knn_entropy(py: Python<'_>, matrix: PyArray, k: usize, threads: usize) -> PyR
 /// `mi_option_purge_delay` in mimalloc.h (v2 and v3; the sys crate has no constant for it).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Keep freed memory for 10 s before mimalloc hands it back to the OS (its default is 10 ms).
+/// Keep freed memory for 10 s before mimalloc hands it back to the OS (the linked mimalloc v3
+/// defaults to 1 s; v2 to 10 ms).
 /// A run frees and allocates multi-megabyte Arrow buffers every batch; handed back at once,
 /// each one comes back as fresh pages that the kernel must fault in and zero (with
 /// transparent huge pages, 2 MiB at a time). Parquet -> Parquet best_vs_each, 1M prompts,
