@@ -422,7 +422,9 @@ class PreferenceCollator:
         add_eos: append the tokenizer's EOS to each text completion unless it already ends with
             it (as TRL does; chat templates end turns themselves).
 
-    The ids are TRL 1.16's: the prompt and prompt + completion are each encoded whole, and the
+    The ids are TRL 1.16's (for conversational rows, as long as they carry no ``tools`` or
+    ``chat_template_kwargs``, which TRL passes to the template and this collator does not):
+    the prompt and prompt + completion are each encoded whole, and the
     completion starts where those diverge (for chosen and rejected alike), so tokens that merge
     across the boundary belong to the completion. When that cuts into the prompt, a warning
     says so once (as TRL's does).
