@@ -157,13 +157,13 @@ def _dpo_loss_given_policy(pl: PolicyLogps, weight, targets, *, ref_chosen_logps
     if use_wpo_weighting:
         wpo = wpo_pair_weights(pl.token_logps, pl.log_sum_p2, pl.mask)
         sample_weights = wpo if sample_weights is None else sample_weights * wpo
-    if completion_lengths is not None and tuple(completion_lengths.shape) != tuple(pl.lengths.shape):
-        raise ValueError(f"completion_lengths must be [2B] = {tuple(pl.lengths.shape)}, got "
-                         f"{tuple(completion_lengths.shape)}")
+    chosen_lengths, rejected_lengths = pl.halves(pl.lengths)  # the scored tokens
     if completion_lengths is not None:
-        loss_kwargs["chosen_nll_lengths"] = pl.halves(pl.lengths)[0]  # nll_mean: the scored tokens
-    lengths = pl.lengths if completion_lengths is None else completion_lengths.to(pl.lengths)
-    chosen_lengths, rejected_lengths = pl.halves(lengths)
+        if tuple(completion_lengths.shape) != tuple(pl.lengths.shape):
+            raise ValueError(f"completion_lengths must be [2B] = {tuple(pl.lengths.shape)}, got "
+                             f"{tuple(completion_lengths.shape)}")
+        loss_kwargs["chosen_nll_lengths"] = chosen_lengths  # nll_mean keeps the scored tokens
+        chosen_lengths, rejected_lengths = pl.halves(completion_lengths.to(pl.lengths))
     return dpo_loss(chosen, rejected, ref_chosen_logps, ref_rejected_logps, chosen_lengths=chosen_lengths,
                     rejected_lengths=rejected_lengths, sample_weights=sample_weights, **loss_kwargs)
 

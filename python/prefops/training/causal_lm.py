@@ -163,15 +163,21 @@ def completion_targets(input_ids: torch.Tensor, completion_mask: torch.Tensor, *
     return targets
 
 
+def _pack_segments(position_ids: torch.Tensor):
+    """Start and end offsets of the sequences of a padding-free pack (each starts at position 0)."""
+    pos = position_ids.reshape(-1)
+    starts = torch.nonzero(pos == 0).flatten()
+    if starts.numel() == 0 or starts[0] != 0:
+        raise ValueError("position_ids of a padding-free batch must start at 0 for every sequence")
+    return starts, torch.cat([starts[1:], starts.new_tensor([pos.numel()])])
+
+
 def _unpack(hidden: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor, extra=None):
     """A padding-free pack [1, N, ...] → padded rows [S, T_max, ...] (one per sequence, in order)."""
     if hidden.shape[0] != 1:
         raise ValueError(f"a padding-free batch is one packed row, got {hidden.shape[0]} rows")
     pos = position_ids.reshape(-1)
-    starts = torch.nonzero(pos == 0).flatten()
-    if starts.numel() == 0 or starts[0] != 0:
-        raise ValueError("position_ids of a padding-free batch must start at 0 for every sequence")
-    ends = torch.cat([starts[1:], starts.new_tensor([pos.numel()])])
+    starts, ends = _pack_segments(position_ids)
     lengths = ends - starts
     T = int(lengths.max())
     col = torch.arange(T, device=pos.device)
@@ -199,9 +205,7 @@ def completion_lengths(batch: Mapping[str, Any]) -> torch.Tensor:
     mask = batch["completion_mask"]
     if not _is_packed(batch):
         return mask.sum(dim=1)
-    pos = batch["position_ids"].reshape(-1)
-    starts = torch.nonzero(pos == 0).flatten()
-    ends = torch.cat([starts[1:], starts.new_tensor([pos.numel()])])
+    starts, ends = _pack_segments(batch["position_ids"])
     total = torch.cat([mask.new_zeros(1), mask.reshape(-1).cumsum(0)])
     return total[ends] - total[starts]
 
