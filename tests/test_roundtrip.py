@@ -157,3 +157,38 @@ def test_arrow_input_keeps_nested_types(tmp_path):
     prefops.convert(table, tmp_path / "t.jsonl")
     back = prefops.convert(tmp_path / "t.jsonl")
     assert back.table.to_pylist() == table.to_pylist()
+
+
+def _rated_rows(rng, n):
+    """UltraFeedback-like rows: texts short (inside an Arrow view) and long, repeated within
+    and across prompts, with escapes and non-ASCII text."""
+    words = ["a", "longer word", "é", "ß\u00a0", "\"quoted\"", "tab\there", "line\nbreak", "🙂", "x" * 40]
+    text = lambda k: " ".join(rng.choice(words) for _ in range(k))  # noqa: E731
+    shared = text(12)
+    rows = []
+    for i in range(n):
+        completions = []
+        for j in range(rng.randint(2, 6)):
+            response = rng.choice([text(rng.randint(1, 3)), text(rng.randint(5, 30)), shared])
+            completions.append({"model": f"m{j}", "response": response, "overall_score": float(rng.randint(1, 9))})
+        rows.append({"instruction": text(rng.randint(1, 20)) + f" #{i % 7}", "completions": completions})
+    return rows
+
+
+# Parquet output holds the text columns as views into the input (a Parquet file or a sliced
+# Arrow table); what is read back must equal the in-memory output, which is plain Utf8.
+@pytest.mark.parametrize("strategy", ["best_vs_each", "all_pairs", "best_vs_worst"])
+def test_parquet_output_from_parquet_and_arrow_input_equals_in_memory_output(tmp_path, strategy):
+    import random
+
+    # 20k rows: several 8192-row chunks, which for the table are slices of shared buffers.
+    table = pa.Table.from_pylist(_rated_rows(random.Random(5), 20_000))
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=3000)
+    expected = prefops.prep(table, strategy=strategy).table
+    assert expected.schema.field("chosen").type == pa.string()
+    assert expected.num_rows > 15_000
+    for source in [tmp_path / "in.parquet", table]:
+        prefops.prep(source, tmp_path / "out.parquet", strategy=strategy, threads=2)
+        got = pq.read_table(tmp_path / "out.parquet")
+        assert got.schema.field("chosen").type == pa.string()  # the file's schema says Utf8, not views
+        assert got.equals(expected)

@@ -20,11 +20,21 @@ pub enum Content<'a> {
     Messages(Vec<Message<'a>>),
 }
 
+/// Empty or only whitespace. Checked for every prompt and response: a text that starts with
+/// a visible ASCII character is answered without `trim`'s Unicode scan (2% of a Parquet prep).
+fn is_blank(t: &str) -> bool {
+    match t.as_bytes().first() {
+        None => true,
+        Some(b) if b.is_ascii_graphic() => false,
+        Some(_) => t.trim().is_empty(),
+    }
+}
+
 impl<'a> Content<'a> {
     pub fn is_blank(&self) -> bool {
         match self {
-            Content::Text(t) => t.trim().is_empty(),
-            Content::Messages(m) => m.is_empty() || m.iter().all(|m| m.content.trim().is_empty()),
+            Content::Text(t) => is_blank(t),
+            Content::Messages(m) => m.is_empty() || m.iter().all(|m| is_blank(&m.content)),
         }
     }
 
@@ -171,4 +181,17 @@ pub fn pair_id(prompt_id: &str, chosen: &Content<'_>, rejected: &Content<'_>) ->
     h.update(&[0]);
     rejected.fingerprint_into(&mut h);
     hex16(h.digest())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blank_means_what_trim_says() {
+        for t in ["", " ", "\t\n", "\u{a0}", "\u{3000} \u{2003}", " x", "x", "\u{a0}y", "é", "!", "\u{3000}z "] {
+            assert_eq!(is_blank(t), t.trim().is_empty(), "{t:?}");
+            assert_eq!(Content::Text(t.into()).is_blank(), t.trim().is_empty(), "{t:?}");
+        }
+    }
 }
