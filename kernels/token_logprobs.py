@@ -81,10 +81,11 @@ def _logits_tile(x_ptr, w_ptr, b_ptr, rn, rv, n_mask, v_mask, H, stride_x, strid
 
 
 @triton.jit
-def _forward_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, e_ptr, q_ptr, zt_ptr,
+def _forward_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, e_ptr, q_ptr, zt_ptr, zs_ptr, mb_ptr,
                     N, V, H, stride_x, stride_w, v_per_split, vocab_start, inv_temp, softcap,
                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-                    WITH_SUMSQ: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+                    WITH_SUMSQ: tl.constexpr, WITH_ZSUM: tl.constexpr, WITH_TOP1: tl.constexpr,
+                    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
                     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -96,6 +97,8 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, e_ptr, q_ptr, zt
     e = tl.zeros((BN,), dtype=tl.float32)
     q = tl.zeros((BN,), dtype=tl.float32)
     zt = tl.zeros((BN,), dtype=tl.float32)
+    zs = tl.zeros((BN,), dtype=tl.float32)
+    mb = tl.full((BN,), float("-inf"), dtype=tl.float32)
     v_begin = pid_s * v_per_split
     v_end = tl.minimum(v_begin + v_per_split, V)
     for v0 in range(v_begin, v_end, BV):
@@ -106,6 +109,13 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, e_ptr, q_ptr, zt
         z = tl.where(v_mask[None, :], z, float("-inf"))
         hit = (rv.to(tl.int64)[None, :] == tgt[:, None]) & v_mask[None, :]
         zt += tl.sum(tl.where(hit, z, 0.0), axis=1)
+        if WITH_ZSUM:
+            zs += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
+        if WITH_TOP1:
+            # Max over the ids before the target: argmax returns the first maximum, so a tie
+            # with an earlier id means the target is not the top-1 prediction.
+            before = (rv.to(tl.int64)[None, :] < tgt[:, None]) & v_mask[None, :]
+            mb = tl.maximum(mb, tl.max(tl.where(before, z, float("-inf")), axis=1))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)
         pz = tl.exp(z - m_new[:, None])
@@ -123,6 +133,10 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, e_ptr, q_ptr, zt
         tl.store(e_ptr + out, e, mask=n_mask)
     if WITH_SUMSQ:
         tl.store(q_ptr + out, q, mask=n_mask)
+    if WITH_ZSUM:
+        tl.store(zs_ptr + out, zs, mask=n_mask)
+    if WITH_TOP1:
+        tl.store(mb_ptr + out, mb, mask=n_mask)
 
 
 @triton.jit
@@ -251,9 +265,10 @@ def _common(x, w, b, temperature, softcap):
 
 
 def forward_partials(x, w, b, targets, *, vocab_start=0, temperature=1.0, softcap=None,
-                     with_entropy=False, with_sumsq=False, num_splits=None):
+                     with_entropy=False, with_sumsq=False, with_zsum=False, with_top1=False, num_splits=None):
     """Per-split partial statistics [S, N] fp32: running max m, Σe^{z-m}, Σe^{z-m}·z,
-    Σe^{2(z-m)} and the target logit (0 where the target is outside the split)."""
+    Σe^{2(z-m)}, the target logit (0 where the target is outside the split), Σz, and the max of
+    z over the ids before the target (-inf where none is in the split). Unrequested ones are None."""
     N, H = x.shape
     V = w.shape[0]
     blocks, opts = _launch_config(x)
@@ -270,22 +285,28 @@ def forward_partials(x, w, b, targets, *, vocab_start=0, temperature=1.0, softca
     zt = torch.empty(num_splits, N, **f32)
     e = torch.zeros(num_splits, N, **f32) if with_entropy else s
     q = torch.zeros(num_splits, N, **f32) if with_sumsq else s
+    zs = torch.empty(num_splits, N, **f32) if with_zsum else s
+    mb = torch.empty(num_splits, N, **f32) if with_top1 else s
     _forward_kernel[(n_blocks, num_splits)](
-        x, w, b if b is not None else x, targets, m, s, e, q, zt, N, V, H,
+        x, w, b if b is not None else x, targets, m, s, e, q, zt, zs, mb, N, V, H,
         v_per_split=v_per_split, vocab_start=vocab_start,
-        WITH_ENTROPY=with_entropy, WITH_SUMSQ=with_sumsq,
+        WITH_ENTROPY=with_entropy, WITH_SUMSQ=with_sumsq, WITH_ZSUM=with_zsum, WITH_TOP1=with_top1,
         **_common(x, w, b, temperature, softcap), **blocks, **opts)
-    return m, s, (e if with_entropy else None), (q if with_sumsq else None), zt
+    return (m, s, (e if with_entropy else None), (q if with_sumsq else None), zt,
+            (zs if with_zsum else None), (mb if with_top1 else None))
 
 
-def combine_partials(m, s, e, q, zt):
-    """Merge [S, N] partials over S into per-token (max, sumexp, e, q, target logit)."""
+def combine_partials(m, s, e, q, zt, zs=None, mb=None):
+    """Merge [S, N] partials over S into per-token (max, sumexp, e, q, target logit, Σz,
+    max before the target)."""
     mx = m.max(dim=0).values
     scale = torch.exp(m - mx)  # 0 for empty splits (m = -inf)
     out_s = (s * scale).sum(0)
     out_e = (e * scale).sum(0) if e is not None else None
     out_q = (q * scale * scale).sum(0) if q is not None else None
-    return mx, out_s, out_e, out_q, zt.sum(0)
+    out_zs = zs.sum(0) if zs is not None else None
+    out_mb = mb.max(dim=0).values if mb is not None else None
+    return mx, out_s, out_e, out_q, zt.sum(0), out_zs, out_mb
 
 
 def logits_grad_chunk(x, w, b, targets, lse, grad, out, v_lo, v_hi, *, vocab_start=0,

@@ -122,6 +122,40 @@ def test_entropy_and_log_sum_p2(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("transform", [dict(), dict(temperature=0.7, logit_softcap=3.0)])
+def test_mean_logits_and_is_top1_match_argmax_with_ties(backend, transform):
+    n, h, v = 61, 16, 150
+    x, w, b, t = make(n, h, v, bias=True, scale=2.0, seed=8, ignore_frac=0.2)
+    with torch.no_grad():
+        # Ties for the argmax: rows 40.. of the vocabulary copy rows 0.. (ids before and after a
+        # target), and targets are set to the argmax or to a copy of it.
+        w[40:80] = w[0:40]
+        b[40:80] = b[0:40]
+        first = oracle_logits(x, w, b, transform.get("temperature", 1.0), transform.get("logit_softcap")).argmax(-1)
+    t = t.clone()
+    for i in range(0, n, 3):
+        if t[i] != -100:
+            t[i] = first[i] if i % 2 else (first[i] + 40 if first[i] < 40 else first[i])
+    out = token_logprobs(x, w, t, bias=b, return_mean_logits=True, return_is_top1=True, backend=backend,
+                         **transform)
+    z = oracle_logits(x.detach(), w.detach(), b.detach(), transform.get("temperature", 1.0),
+                      transform.get("logit_softcap"))
+    valid = t != -100
+    torch.testing.assert_close(out.mean_logits.double()[valid], z.mean(-1)[valid], atol=1e-5, rtol=1e-5)
+    expected_top1 = (z.argmax(-1) == t) & valid
+    assert out.is_top1.dtype == torch.bool
+    assert torch.equal(out.is_top1, expected_top1)
+    # The ties matter: some targets are a later copy of the first argmax (not top-1), some the first.
+    assert 0 < int(expected_top1.sum()) < int(valid.sum())
+    tied_later = valid & (z.gather(-1, t.clamp(min=0)[:, None]).squeeze(-1) == z.max(-1).values) & ~expected_top1
+    assert tied_later.any()
+    assert (out.mean_logits[~valid] == 0).all() and not out.mean_logits.requires_grad
+    # Asking for the statistics changes nothing else.
+    plain = token_logprobs(x, w, t, bias=b, backend=backend, **transform)
+    torch.testing.assert_close(out.logps, plain.logps, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_padded_3d_reductions_with_token_weights(backend, reduction):
     B, T, H, V = 3, 11, 20, 64

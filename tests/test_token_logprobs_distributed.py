@@ -25,7 +25,8 @@ def test_vocab_parallel_equals_unsharded(tmp_path, backend):
     w.requires_grad_()
     b.requires_grad_()
     full = token_logprobs(x, w, t, bias=b, temperature=0.9, return_entropy=True, return_log_sum_p2=True,
-                          backend="torch")
+                          return_mean_logits=True, return_is_top1=True, backend="torch")
+    assert full.is_top1.any() and not full.is_top1.all()
     (full.logps * upstream).sum().backward()
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -33,6 +34,8 @@ def test_vocab_parallel_equals_unsharded(tmp_path, backend):
         torch.testing.assert_close(got["logps"], full.logps, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got["entropy"], full.entropy, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got["log_sum_p2"], full.log_sum_p2, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got["mean_logits"], full.mean_logits, atol=1e-5, rtol=1e-5)
+        assert torch.equal(got["is_top1"], full.is_top1)
         torch.testing.assert_close(got["dx"], x.grad, atol=1e-5, rtol=1e-5)  # all-reduced over shards
     lo_hi = list(zip(worker.BOUNDS[:-1], worker.BOUNDS[1:]))
     for got, (lo, hi) in zip(ranks, lo_hi):

@@ -50,8 +50,11 @@ def _compare(stock, ours):
             assert q.grad is None, n
             continue
         assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), n
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                 "logps/rejected"):
+    # Every metric TRL logs, the per-token ones (entropy, logits/*, mean_token_accuracy) included.
+    names = set(stock._metrics["train"])
+    assert {"entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy", "num_tokens"} <= names
+    assert set(ours._metrics["train"]) >= names, names - set(ours._metrics["train"])
+    for name in sorted(names):
         assert ours._metrics["train"][name][-1] == pytest.approx(stock._metrics["train"][name][-1], abs=1e-4), name
 
 

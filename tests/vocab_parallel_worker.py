@@ -22,6 +22,10 @@ def problem():
     b = torch.randn(V, generator=g)
     t = torch.randint(0, V, (N,), generator=g)
     t[::7] = -100
+    # Some targets are the argmax, in both shards (top-1 counted across the shard boundary).
+    top = ((x @ w.T + b) / 0.9).argmax(-1)
+    t[1::3] = top[1::3]
+    t[1::7] = -100
     upstream = torch.randn(N, generator=g)
     return x, w, b, t, upstream
 
@@ -35,9 +39,11 @@ def main(out_dir: str, backend: str) -> None:
     ws = w[lo:hi].clone().requires_grad_()
     bs = b[lo:hi].clone().requires_grad_()
     out = token_logprobs(xs, ws, t, bias=bs, temperature=0.9, return_entropy=True, return_log_sum_p2=True,
+                         return_mean_logits=True, return_is_top1=True,
                          process_group=dist.group.WORLD, vocab_start_index=lo, backend=backend)
     (out.logps * upstream).sum().backward()
     torch.save(dict(logps=out.logps, entropy=out.entropy, log_sum_p2=out.log_sum_p2,
+                    mean_logits=out.mean_logits, is_top1=out.is_top1,
                     dx=xs.grad, dw=ws.grad, db=bs.grad), f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 

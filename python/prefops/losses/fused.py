@@ -31,10 +31,11 @@ __all__ = ["dpo_loss_from_hidden", "simpo_loss_from_hidden", "tabpo_loss_from_hi
 class PolicyLogps:
     """Per-token and per-sequence log-probs of a [2B, T] chosen-then-rejected batch."""
 
-    def __init__(self, token_logps, mask, log_sum_p2=None):
+    def __init__(self, token_logps, mask, log_sum_p2=None, stats=None):
         self.token_logps = token_logps  # [2B, T], 0 off the completion
         self.mask = mask  # [2B, T] bool
         self.log_sum_p2 = log_sum_p2
+        self.stats = stats  # the TokenLogprobs with entropy, mean_logits, is_top1 (token_metrics=True)
         self.lengths = mask.sum(dim=1).to(token_logps.dtype)
 
     def sequence(self, weights=None, normalize=False):
@@ -46,16 +47,42 @@ class PolicyLogps:
 
 
 def policy_logps(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0, logit_softcap=None,
-                 return_log_sum_p2=False, backend="auto", chunk_elements=None) -> PolicyLogps:
+                 return_log_sum_p2=False, token_metrics=False, backend="auto", chunk_elements=None) -> PolicyLogps:
     if hidden.dim() != 3 or targets.dim() != 2:
         raise ValueError(f"fused losses take hidden [2B, T, H] and targets [2B, T], got {tuple(hidden.shape)} "
                          f"and {tuple(targets.shape)}")
     if hidden.shape[0] % 2:
         raise ValueError(f"the batch must hold chosen then rejected rows (2B rows), got {hidden.shape[0]}")
     out = token_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index, temperature=temperature,
-                         logit_softcap=logit_softcap, return_log_sum_p2=return_log_sum_p2, backend=backend,
-                         chunk_elements=chunk_elements)
-    return PolicyLogps(out.logps, targets != ignore_index, out.log_sum_p2)
+                         logit_softcap=logit_softcap, return_log_sum_p2=return_log_sum_p2,
+                         return_entropy=token_metrics, return_mean_logits=token_metrics,
+                         return_is_top1=token_metrics, backend=backend, chunk_elements=chunk_elements)
+    return PolicyLogps(out.logps, targets != ignore_index, out.log_sum_p2, out if token_metrics else None)
+
+
+def _with_token_metrics(metrics: dict, pl: PolicyLogps) -> dict:
+    """TRL's per-token metrics over the completion tokens, from the statistics the log-prob pass
+    computed: ``entropy`` (chosen and rejected tokens), ``logits/chosen``, ``logits/rejected``
+    (mean logit over the vocabulary, averaged over tokens) and ``mean_token_accuracy`` (chosen
+    tokens whose target is the argmax); ``tokens/chosen`` and ``tokens/rejected`` count the
+    tokens, to weight these means when averaging over processes."""
+    if pl.stats is None:
+        return metrics
+    with torch.no_grad():
+        mask_c, mask_r = pl.halves(pl.mask)
+        n_c, n_r = mask_c.sum().float(), mask_r.sum().float()
+
+        def mean(x, mask, n):
+            return (x.float() * mask).sum() / n.clamp(min=1.0)
+
+        mean_c, mean_r = pl.halves(pl.stats.mean_logits)
+        top1_c, _ = pl.halves(pl.stats.is_top1)
+        metrics["entropy"] = mean(pl.stats.entropy, pl.mask, n_c + n_r)
+        metrics["logits/chosen"] = mean(mean_c, mask_c, n_c)
+        metrics["logits/rejected"] = mean(mean_r, mask_r, n_r)
+        metrics["mean_token_accuracy"] = mean(top1_c, mask_c, n_c)
+        metrics["tokens/chosen"], metrics["tokens/rejected"] = n_c, n_r
+    return metrics
 
 
 def _token_weights(pl: PolicyLogps, token_weights, ld_alpha):
@@ -88,6 +115,7 @@ def dpo_loss_from_hidden(
     use_wpo_weighting: bool = False,
     sample_weights: Optional[torch.Tensor] = None,
     completion_lengths: Optional[torch.Tensor] = None,
+    token_metrics: bool = False,
     backend: str = "auto",
     chunk_elements: Optional[int] = None,
     **loss_kwargs,
@@ -109,20 +137,24 @@ def dpo_loss_from_hidden(
             the tokens scored (``targets != ignore_index``). TRL's trainer counts a completion
             token at position 0 too, which nothing predicts (``prefops.training.completion_lengths``
             gives its count). "nll_mean" always averages over the scored tokens.
+        token_metrics: also return TRL's per-token metrics (``entropy``, ``logits/chosen``,
+            ``logits/rejected``, ``mean_token_accuracy``, with ``tokens/chosen`` and
+            ``tokens/rejected``), computed in the same pass over the vocabulary as the log-probs.
 
     Returns:
         (loss, metrics) with TRL-named, detached metrics.
     """
     pl = policy_logps(hidden, weight, targets, bias=bias, ignore_index=ignore_index, temperature=temperature,
-                      logit_softcap=logit_softcap, return_log_sum_p2=use_wpo_weighting, backend=backend,
-                      chunk_elements=chunk_elements)
-    return _dpo_loss_given_policy(
+                      logit_softcap=logit_softcap, return_log_sum_p2=use_wpo_weighting, token_metrics=token_metrics,
+                      backend=backend, chunk_elements=chunk_elements)
+    loss, metrics = _dpo_loss_given_policy(
         pl, weight, targets, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
         ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ignore_index=ignore_index,
         temperature=temperature, logit_softcap=logit_softcap, token_weights=token_weights,
         normalize_token_weights=normalize_token_weights, ld_alpha=ld_alpha, ld_alpha_reference=ld_alpha_reference,
         use_wpo_weighting=use_wpo_weighting, sample_weights=sample_weights, completion_lengths=completion_lengths,
         backend=backend, chunk_elements=chunk_elements, **loss_kwargs)
+    return loss, _with_token_metrics(metrics, pl)
 
 
 def _dpo_loss_given_policy(pl: PolicyLogps, weight, targets, *, ref_chosen_logps, ref_rejected_logps, ref_hidden,
@@ -177,16 +209,20 @@ def simpo_loss_from_hidden(
     ignore_index: int = -100,
     temperature: float = 1.0,
     logit_softcap: Optional[float] = None,
+    token_metrics: bool = False,
     backend: str = "auto",
     chunk_elements: Optional[int] = None,
     **loss_kwargs,
 ):
-    """SimPO straight from the last hidden states (no reference); see ``prefops.losses.simpo_loss``."""
+    """SimPO straight from the last hidden states (no reference); see ``prefops.losses.simpo_loss``.
+    ``token_metrics``: as in ``dpo_loss_from_hidden``."""
     pl = policy_logps(hidden, weight, targets, bias=bias, ignore_index=ignore_index, temperature=temperature,
-                      logit_softcap=logit_softcap, backend=backend, chunk_elements=chunk_elements)
+                      logit_softcap=logit_softcap, token_metrics=token_metrics, backend=backend,
+                      chunk_elements=chunk_elements)
     chosen, rejected = pl.halves(pl.sequence())
     chosen_lengths, rejected_lengths = pl.halves(pl.lengths)
-    return simpo_loss(chosen, rejected, chosen_lengths, rejected_lengths, **loss_kwargs)
+    loss, metrics = simpo_loss(chosen, rejected, chosen_lengths, rejected_lengths, **loss_kwargs)
+    return loss, _with_token_metrics(metrics, pl)
 
 
 def tabpo_loss_from_hidden(

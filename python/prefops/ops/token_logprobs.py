@@ -44,6 +44,12 @@ class TokenLogprobs:
     """Entropy of the predictive distribution per token (no gradient); 0 at ignored tokens."""
     log_sum_p2: Optional[torch.Tensor] = None
     """log Σ_v p_v² per token (WPO's weighting term, no gradient); 0 at ignored tokens."""
+    mean_logits: Optional[torch.Tensor] = None
+    """Mean over the vocabulary of the (transformed) logits per token, no gradient; 0 at
+    ignored tokens. TRL's ``logits/chosen`` and ``logits/rejected`` average it over tokens."""
+    is_top1: Optional[torch.Tensor] = None
+    """Per token (bool): the target is the argmax of the logits (the first one, as
+    ``torch.argmax`` picks, on ties); False at ignored tokens. TRL's ``mean_token_accuracy``."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,8 @@ class _Config:
     softcap: Optional[float]
     with_entropy: bool
     with_sumsq: bool
+    with_mean_logits: bool
+    with_top1: bool
     filter_eps: Optional[float]
     chunk_elements: Optional[int]
     process_group: object
@@ -76,18 +84,22 @@ def _resolve_backend(backend: str, tensors) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _allreduce_stats(m, s, e, q, zt, group):
-    """Merge per-rank (max, Σe^{z-max}, …, target logit) into the full-vocabulary values."""
+def _allreduce_stats(m, s, e, q, zt, zs, mb, vocab, group):
+    """Merge per-rank (max, Σe^{z-max}, …, target logit, Σz, max before the target) into the
+    full-vocabulary values; also returns the full vocabulary size when Σz is asked for."""
     import torch.distributed as dist
 
-    mx = m.clone()
-    dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
+    maxima = torch.stack([m] if mb is None else [m, mb])
+    dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
+    mx = maxima[0]
     scale = torch.exp(m - mx)
     parts = [s * scale, zt]
     if e is not None:
         parts.append(e * scale)
     if q is not None:
         parts.append(q * scale * scale)
+    if zs is not None:
+        parts += [zs, torch.full_like(zs, vocab)]  # the shard sizes add up to the full vocabulary
     packed = torch.stack(parts)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
     s, zt = packed[0], packed[1]
@@ -95,8 +107,10 @@ def _allreduce_stats(m, s, e, q, zt, group):
     if e is not None:
         e, i = packed[i], i + 1
     if q is not None:
-        q = packed[i]
-    return mx, s, e, q, zt
+        q, i = packed[i], i + 1
+    if zs is not None:
+        zs, vocab = packed[i], packed[i + 1]
+    return mx, s, e, q, zt, zs, (maxima[1] if mb is not None else None), vocab
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,20 +120,25 @@ def _allreduce_stats(m, s, e, q, zt, group):
 
 def _forward(x, w, b, t, cfg: _Config):
     common = dict(vocab_start=cfg.vocab_start, temperature=cfg.temperature, softcap=cfg.softcap,
-                  with_entropy=cfg.with_entropy, with_sumsq=cfg.with_sumsq)
+                  with_entropy=cfg.with_entropy, with_sumsq=cfg.with_sumsq, with_zsum=cfg.with_mean_logits,
+                  with_top1=cfg.with_top1)
     if cfg.backend == "triton":
         kern = _kernels()
-        m, s, e, q, zt = kern.combine_partials(*kern.forward_partials(x, w, b, t, **common))
+        m, s, e, q, zt, zs, mb = kern.combine_partials(*kern.forward_partials(x, w, b, t, **common))
     else:
-        m, s, e, q, zt = _torch_impl.forward_stats(x, w, b, t, chunk_elements=cfg.chunk_elements, **common)
+        m, s, e, q, zt, zs, mb = _torch_impl.forward_stats(x, w, b, t, chunk_elements=cfg.chunk_elements, **common)
+    vocab = w.shape[0]
     if cfg.process_group is not None:
-        m, s, e, q, zt = _allreduce_stats(m, s, e, q, zt, cfg.process_group)
+        m, s, e, q, zt, zs, mb, vocab = _allreduce_stats(m, s, e, q, zt, zs, mb, vocab, cfg.process_group)
     log_s = torch.log(s)
     lse = m + log_s
     logp = zt - lse
     entropy = lse - e / s if e is not None else None
     log_sum_p2 = torch.log(q) - 2.0 * log_s if q is not None else None
-    return logp, lse, entropy, log_sum_p2
+    mean_logits = zs / vocab if zs is not None else None
+    # The target is the first argmax: no logit above it, and none equal to it before it.
+    is_top1 = (zt >= m) & (zt > mb) if mb is not None else None
+    return logp, lse, entropy, log_sum_p2, mean_logits, is_top1
 
 
 def _mm_accumulate(acc32, a, b):
@@ -183,17 +202,16 @@ def _triton_chunked_backward(x, w, b, t, lse, grad, cfg, need_x, need_w, need_b,
 class _TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, cfg: _Config):
-        logp, lse, entropy, log_sum_p2 = _forward(hidden, weight, bias, targets, cfg)
+        logp, lse, *stats = _forward(hidden, weight, bias, targets, cfg)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.cfg = cfg
-        empty = logp.new_empty(0)
-        entropy = entropy if entropy is not None else empty
-        log_sum_p2 = log_sum_p2 if log_sum_p2 is not None else empty
-        ctx.mark_non_differentiable(entropy, log_sum_p2)
-        return logp, entropy, log_sum_p2
+        # entropy, log_sum_p2, mean_logits, is_top1: an empty tensor where not asked for.
+        stats = [x if x is not None else logp.new_empty(0) for x in stats]
+        ctx.mark_non_differentiable(*stats)
+        return (logp, *stats)
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_entropy, _grad_log_sum_p2):
+    def backward(ctx, grad_logp, *_grad_stats):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx, dw, db = _backward(hidden, weight, bias, targets, lse, grad_logp, ctx.cfg,
@@ -271,6 +289,8 @@ def token_logprobs(
     reduction: str = "none",
     return_entropy: bool = False,
     return_log_sum_p2: bool = False,
+    return_mean_logits: bool = False,
+    return_is_top1: bool = False,
     grad_filter_eps: Optional[float] = None,
     process_group=None,
     vocab_start_index: Optional[int] = None,
@@ -291,7 +311,9 @@ def token_logprobs(
             2-D input reduces to one scalar.
         reduction: "none" (per-token only), "sum" (Σ w·logp per sequence) or "mean"
             (Σ w·logp / Σ w; 0 for sequences with no valid token).
-        return_entropy / return_log_sum_p2: extra per-token statistics, without gradient.
+        return_entropy / return_log_sum_p2 / return_mean_logits / return_is_top1: extra per-token
+            statistics, without gradient (see ``TokenLogprobs``), from the same pass over the
+            vocabulary.
         grad_filter_eps: Triton only. Skip backward tiles whose softmax entries are all below
             this value (and that hold no target): each skipped entry changes d(logit) by less
             than |grad|·eps. ``None`` (default) is exact.
@@ -320,6 +342,7 @@ def token_logprobs(
     cfg = _Config(backend=resolved, vocab_start=vocab_start, temperature=float(temperature),
                   softcap=float(logit_softcap) if logit_softcap is not None else None,
                   with_entropy=return_entropy, with_sumsq=return_log_sum_p2,
+                  with_mean_logits=return_mean_logits, with_top1=return_is_top1,
                   filter_eps=grad_filter_eps if resolved == "triton" else None,
                   chunk_elements=chunk_elements, process_group=process_group)
 
@@ -355,9 +378,10 @@ def token_logprobs(
         if bias is not None:
             zero = zero + (bias.sum() * 0).to(cd)
         logp_s = zero.expand(0)
-        ent_s = lsp_s = x.new_zeros(0, dtype=cd)
+        ent_s = lsp_s = mean_s = x.new_zeros(0, dtype=cd)
+        top1_s = x.new_zeros(0, dtype=torch.bool)
     else:
-        logp_s, ent_s, lsp_s = _TokenLogprobsFunction.apply(xs, w, bias, ts, cfg)
+        logp_s, ent_s, lsp_s, mean_s, top1_s = _TokenLogprobsFunction.apply(xs, w, bias, ts, cfg)
 
     def scatter(values, differentiable):
         if idx is None:
@@ -371,6 +395,10 @@ def token_logprobs(
         out.entropy = scatter(ent_s, False)
     if return_log_sum_p2:
         out.log_sum_p2 = scatter(lsp_s, False)
+    if return_mean_logits:
+        out.mean_logits = scatter(mean_s, False)
+    if return_is_top1:
+        out.is_top1 = scatter(top1_s, False)
     if reduction == "none":
         return out
 

@@ -40,9 +40,10 @@ def _raw_grad_scale(raw, temperature, softcap):
 
 
 def forward_stats(x, w, b, targets, *, vocab_start=0, temperature=1.0, softcap=None,
-                  with_entropy=False, with_sumsq=False, chunk_elements=None):
-    """Per-token (max, Σe^{z-max}, Σe^{z-max}·z, Σe^{2(z-max)}, target logit) over this weight's
-    vocabulary rows; the target logit is 0 for targets outside [vocab_start, vocab_start+V)."""
+                  with_entropy=False, with_sumsq=False, with_zsum=False, with_top1=False, chunk_elements=None):
+    """Per-token (max, Σe^{z-max}, Σe^{z-max}·z, Σe^{2(z-max)}, target logit, Σz, max of z over
+    the ids before the target) over this weight's vocabulary rows; the target logit is 0 for
+    targets outside [vocab_start, vocab_start+V). Unrequested statistics are None."""
     n, _ = x.shape
     vocab = w.shape[0]
     cd = compute_dtype(x)
@@ -51,6 +52,8 @@ def forward_stats(x, w, b, targets, *, vocab_start=0, temperature=1.0, softcap=N
     e = torch.zeros(n, device=x.device, dtype=cd) if with_entropy else None
     q = torch.zeros(n, device=x.device, dtype=cd) if with_sumsq else None
     zt = torch.zeros(n, device=x.device, dtype=cd)
+    zs = torch.zeros(n, device=x.device, dtype=cd) if with_zsum else None
+    mb = torch.full((n,), float("-inf"), device=x.device, dtype=cd) if with_top1 else None
     local_t = targets.long() - vocab_start
     nc, vc = chunk_sizes(n, vocab, chunk_elements)
     for v0 in range(0, vocab, vc):
@@ -67,6 +70,12 @@ def forward_stats(x, w, b, targets, *, vocab_start=0, temperature=1.0, softcap=N
             inside = (t >= v0) & (t < v1)
             picked = z.gather(1, (t - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
             zt[n0:n1] += torch.where(inside, picked, torch.zeros_like(picked))
+            if zs is not None:
+                zs[n0:n1] += z.sum(1)
+            if mb is not None:
+                # argmax returns the first maximum: a tie before the target is not a top-1 hit.
+                before = torch.arange(v0, v1, device=x.device)[None, :] < t[:, None]
+                mb[n0:n1] = torch.maximum(mb[n0:n1], z.masked_fill(~before, float("-inf")).max(dim=1).values)
             m_old = m[n0:n1]
             m_new = torch.maximum(m_old, z.max(dim=1).values)
             alpha = torch.exp(m_old - m_new)
@@ -77,7 +86,7 @@ def forward_stats(x, w, b, targets, *, vocab_start=0, temperature=1.0, softcap=N
             if q is not None:
                 q[n0:n1] = q[n0:n1] * alpha * alpha + (pz * pz).sum(1)
             m[n0:n1] = m_new
-    return m, s, e, q, zt
+    return m, s, e, q, zt, zs, mb
 
 
 def backward(x, w, b, targets, lse, grad, *, vocab_start=0, temperature=1.0, softcap=None,

@@ -53,13 +53,19 @@ class PrefopsDPOTrainer(DPOTrainer):
         # Accelerate applies mixed precision by wrapping model.forward; the backbones are called
         # directly here, so enter its autocast explicitly (bf16=True, DPOConfig's default).
         with self.accelerator.autocast():
-            loss, metrics = causal_lm_preference_loss(model, inputs, ref_model=ref_model,
+            loss, metrics = causal_lm_preference_loss(model, inputs, ref_model=ref_model, token_metrics=True,
                                                       backend=self.prefops_backend, **self._prefops_loss_kwargs())
         gather = self.accelerator.gather_for_metrics
         for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                      "logps/rejected"):
             if name in metrics:
                 self._metrics[mode][name].append(gather(metrics[name].reshape(1)).float().mean().item())
+        # Token means are weighted by each process's token count, as TRL sums tokens over processes.
+        chosen, rejected = metrics["tokens/chosen"], metrics["tokens/rejected"]
+        for name, count in (("entropy", chosen + rejected), ("logits/chosen", chosen),
+                            ("logits/rejected", rejected), ("mean_token_accuracy", chosen)):
+            sums = gather(torch.stack([metrics[name] * count, count]).reshape(1, 2)).sum(0)
+            self._metrics[mode][name].append((sums[0] / sums[1]).item() if sums[1] > 0 else 0.0)
         if mode == "train":
             tokens = gather(inputs["attention_mask"].sum()).sum().item() if "attention_mask" in inputs else 0
             self._total_train_tokens += tokens // getattr(self, "_tp_size", 1)
