@@ -155,6 +155,27 @@ def test_mean_logits_and_is_top1_match_argmax_with_ties(backend, transform):
     torch.testing.assert_close(out.logps, plain.logps, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3, 4, 7])
+def test_triton_vocab_splits_combine_mean_logits_and_top1(num_splits):
+    # Ties between id j and j+100 land in different splits, or in one, depending on the count.
+    pytest.importorskip("triton")
+    from prefops.kernels import token_logprobs as kern
+
+    x, w, _, t = make(45, 16, 200, scale=2.0, seed=9)
+    x, w = x.detach(), w.detach()
+    w[100:200] = w[0:100]
+    z = oracle_logits(x, w)
+    first = z.argmax(-1)
+    t = torch.where(torch.arange(45, device=DEVICE) % 3 == 0, first, t)
+    t = torch.where(torch.arange(45, device=DEVICE) % 3 == 1, (first + 100) % 200, t)
+    m, s, e, q, zt, zs, mb = kern.combine_partials(*kern.forward_partials(
+        x, w, None, t, with_zsum=True, with_top1=True, num_splits=num_splits))
+    expected = z.argmax(-1) == t
+    assert 0 < int(expected.sum()) < 45
+    assert torch.equal((zt >= m) & (zt > mb), expected)
+    torch.testing.assert_close(zs.double() / 200, z.mean(-1), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_padded_3d_reductions_with_token_weights(backend, reduction):

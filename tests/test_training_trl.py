@@ -1,6 +1,7 @@
 """PrefopsDPOTrainer against TRL's own DPOTrainer on the same model, batch and config."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -23,8 +24,8 @@ def tok():
     return tiny_tokenizer([r[k] for r in ROWS for k in r] * 5, vocab_size=200)
 
 
-def _trainers(tok, tmp_path, ref=True, **config):
-    model = tiny_causal_lm(len(tok), seed=0)
+def _trainers(tok, tmp_path, ref=True, model=None, **config):
+    model = model if model is not None else tiny_causal_lm(len(tok), seed=0)
     ref_model = tiny_causal_lm(len(tok), seed=1) if ref else None
     # float32 (DPOConfig defaults to bf16): exact parity; bf16 has its own test below.
     config = {"bf16": False, **config}
@@ -55,7 +56,8 @@ def _compare(stock, ours):
     assert {"entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy", "num_tokens"} <= names
     assert set(ours._metrics["train"]) >= names, names - set(ours._metrics["train"])
     for name in sorted(names):
-        assert ours._metrics["train"][name][-1] == pytest.approx(stock._metrics["train"][name][-1], abs=1e-4), name
+        assert ours._metrics["train"][name][-1] == pytest.approx(stock._metrics["train"][name][-1], rel=1e-5,
+                                                                 abs=1e-5), name
 
 
 @pytest.mark.parametrize("config", [
@@ -68,6 +70,30 @@ def _compare(stock, ours):
 ])
 def test_loss_and_grads_equal_trl(tok, tmp_path, config):
     _compare(*_trainers(tok, tmp_path, **config))
+
+
+def _fitted_lm(tok, steps=60):
+    """The tiny LM after some language-model steps on the rows: peaked predictions that get
+    some targets right (a random one is near uniform and never top-1)."""
+    model = tiny_causal_lm(len(tok), seed=0)
+    batch = tok([r["prompt"] + r[k] for r in ROWS for k in ("chosen", "rejected")], padding=True,
+                return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def test_token_metrics_equal_trl_on_a_model_that_predicts_tokens(tok, tmp_path):
+    stock, ours = _trainers(tok, tmp_path, model=_fitted_lm(tok), beta=0.1)
+    _compare(stock, ours)
+    logged = stock._metrics["train"]
+    assert 0.1 < logged["mean_token_accuracy"][-1] < 0.95, logged["mean_token_accuracy"]
+    assert logged["entropy"][-1] < 0.8 * math.log(len(tok)), logged["entropy"]
 
 
 def test_precomputed_reference_equals_trl(tok, tmp_path):

@@ -21,10 +21,15 @@ def problem():
     w = torch.randn(V, H, generator=g) / 4
     b = torch.randn(V, generator=g)
     t = torch.randint(0, V, (N,), generator=g)
+    # Vocabulary rows 70..109 (shard 1) copy rows 0..39 (shard 0): argmax ties across the shards.
+    w[70:110] = w[0:40]
+    b[70:110] = b[0:40]
     t[::7] = -100
-    # Some targets are the argmax, in both shards (top-1 counted across the shard boundary).
+    # Some targets are the (first) argmax, some its later copy in the other shard (a tie: not top-1).
     top = ((x @ w.T + b) / 0.9).argmax(-1)
     t[1::3] = top[1::3]
+    later = torch.where(top < 40, top + 70, top)
+    t[2::3] = later[2::3]
     t[1::7] = -100
     upstream = torch.randn(N, generator=g)
     return x, w, b, t, upstream
