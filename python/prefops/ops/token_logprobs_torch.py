@@ -41,9 +41,14 @@ def _raw_grad_scale(raw, temperature, softcap):
 
 def forward_stats(x, w, b, targets, *, vocab_start=0, temperature=1.0, softcap=None,
                   with_entropy=False, with_sumsq=False, with_zsum=False, with_top1=False, chunk_elements=None):
-    """Per-token (max, Σe^{z-max}, Σe^{z-max}·z, Σe^{2(z-max)}, target logit, Σz, max of z over
-    the ids before the target) over this weight's vocabulary rows; the target logit is 0 for
-    targets outside [vocab_start, vocab_start+V). Unrequested statistics are None."""
+    """Per-token (max, Σe^{z-max}, Σe^{z-max}·z, Σe^{2(z-max)}, target logit, Σz, "before")
+    over this weight's vocabulary rows; the target logit is 0 for targets outside
+    [vocab_start, vocab_start+V). Unrequested statistics are None.
+
+    "before" stands in for the kernels' max of z over the ids before the target: the max when
+    the first argmax comes before the target, else -inf. It gives the same
+    ``(target logit >= max) & (target logit > before)`` (the target is the first argmax) and
+    costs nothing: the argmax comes with the max each chunk needs anyway."""
     n, _ = x.shape
     vocab = w.shape[0]
     cd = compute_dtype(x)
@@ -53,7 +58,7 @@ def forward_stats(x, w, b, targets, *, vocab_start=0, temperature=1.0, softcap=N
     q = torch.zeros(n, device=x.device, dtype=cd) if with_sumsq else None
     zt = torch.zeros(n, device=x.device, dtype=cd)
     zs = torch.zeros(n, device=x.device, dtype=cd) if with_zsum else None
-    mb = torch.full((n,), float("-inf"), device=x.device, dtype=cd) if with_top1 else None
+    first = torch.zeros(n, device=x.device, dtype=torch.long) if with_top1 else None  # first argmax
     local_t = targets.long() - vocab_start
     nc, vc = chunk_sizes(n, vocab, chunk_elements)
     for v0 in range(0, vocab, vc):
@@ -72,20 +77,22 @@ def forward_stats(x, w, b, targets, *, vocab_start=0, temperature=1.0, softcap=N
             zt[n0:n1] += torch.where(inside, picked, torch.zeros_like(picked))
             if zs is not None:
                 zs[n0:n1] += z.sum(1)
-            if mb is not None:
-                # argmax returns the first maximum: a tie before the target is not a top-1 hit.
-                before = torch.arange(v0, v1, device=x.device)[None, :] < t[:, None]
-                mb[n0:n1] = torch.maximum(mb[n0:n1], z.masked_fill(~before, float("-inf")).max(dim=1).values)
             m_old = m[n0:n1]
-            m_new = torch.maximum(m_old, z.max(dim=1).values)
+            chunk_max, chunk_arg = z.max(dim=1)  # the first maximum of the chunk
+            m_new = torch.maximum(m_old, chunk_max)
+            if first is not None:  # an equal maximum in a later chunk is not the first
+                first[n0:n1] = torch.where(chunk_max > m_old, chunk_arg + v0, first[n0:n1])
             alpha = torch.exp(m_old - m_new)
             if e is not None:
-                e[n0:n1] = e[n0:n1] * alpha + (torch.exp(z - m_new[:, None]) * z).sum(1)
-            pz = z.sub_(m_new[:, None]).exp_()  # z is not needed after this
+                pz = torch.exp(z - m_new[:, None])
+                e[n0:n1] = e[n0:n1] * alpha + torch.linalg.vecdot(pz, z)
+            else:
+                pz = z.sub_(m_new[:, None]).exp_()  # z is not needed after this
             s[n0:n1] = s[n0:n1] * alpha + pz.sum(1)
             if q is not None:
                 q[n0:n1] = q[n0:n1] * alpha * alpha + (pz * pz).sum(1)
             m[n0:n1] = m_new
+    mb = torch.where(first < local_t, m, float("-inf")) if first is not None else None
     return m, s, e, q, zt, zs, mb
 
 
