@@ -44,7 +44,7 @@ pub(crate) fn reading_type(dt: &DataType, name: &str) -> Result<DataType, String
 }
 
 /// A column ready for row access.
-enum Col<'a> {
+pub(crate) enum Col<'a> {
     Null,
     Bool(&'a arrow_array::BooleanArray),
     Int(&'a arrow_array::Int64Array),
@@ -56,7 +56,7 @@ enum Col<'a> {
 }
 
 impl<'a> Col<'a> {
-    fn new(array: &'a ArrayRef) -> Col<'a> {
+    pub(crate) fn new(array: &'a ArrayRef) -> Col<'a> {
         match array.data_type() {
             DataType::Null => Col::Null,
             DataType::Boolean => Col::Bool(array.as_boolean()),
@@ -79,7 +79,7 @@ impl<'a> Col<'a> {
         }
     }
 
-    fn value(&self, i: usize) -> Value<'a> {
+    pub(crate) fn value(&self, i: usize) -> Value<'a> {
         match self {
             Col::Null => Value::Null,
             Col::Bool(a) => if a.is_null(i) { Value::Null } else { Value::Bool(a.value(i)) },
@@ -124,9 +124,19 @@ pub fn prepare_batch(batch: &RecordBatch) -> Result<Vec<(String, ArrayRef)>, Str
         .collect()
 }
 
+/// Prepared columns ready for row access.
+pub(crate) fn columns(columns: &[(String, ArrayRef)]) -> Vec<(&str, Col<'_>)> {
+    columns.iter().map(|(n, a)| (n.as_str(), Col::new(a))).collect()
+}
+
+/// Row i as an object.
+pub(crate) fn row<'a>(cols: &[(&'a str, Col<'a>)], i: usize) -> Value<'a> {
+    Value::Object(cols.iter().map(|(name, c)| (Cow::Borrowed(*name), c.value(i))).collect())
+}
+
 /// Rows of prepared columns as objects.
 pub fn rows<'a>(columns: &'a [(String, ArrayRef)]) -> impl Iterator<Item = Value<'a>> + 'a {
-    let cols: Vec<(&'a str, Col<'a>)> = columns.iter().map(|(n, a)| (n.as_str(), Col::new(a))).collect();
+    let cols = self::columns(columns);
     let n = columns.first().map_or(0, |(_, a)| a.len());
-    (0..n).map(move |i| Value::Object(cols.iter().map(|(name, c)| (Cow::Borrowed(*name), c.value(i))).collect()))
+    (0..n).map(move |i| row(&cols, i))
 }

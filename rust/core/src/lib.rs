@@ -4,6 +4,7 @@
 //! layout (a prompt and its rated responses), make training pairs, and write TRL-ready
 //! JSONL or Parquet — streaming, in parallel, deterministic for a seed.
 
+pub mod arrow_groups;
 pub mod arrow_in;
 pub mod arrow_out;
 pub mod error;

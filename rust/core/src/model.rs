@@ -22,7 +22,7 @@ pub enum Content<'a> {
 
 /// Empty or only whitespace. Checked for every prompt and response: a text that starts with
 /// a visible ASCII character is answered without `trim`'s Unicode scan (2% of a Parquet prep).
-fn is_blank(t: &str) -> bool {
+pub(crate) fn is_blank(t: &str) -> bool {
     match t.as_bytes().first() {
         None => true,
         Some(b) if b.is_ascii_graphic() => false,

@@ -11,6 +11,8 @@ use arrow_array::RecordBatch;
 use arrow_schema::{Schema, SchemaRef};
 use crossbeam_channel::{bounded, RecvTimeoutError};
 
+use crate::arrow_groups::GroupReader;
+use crate::arrow_in::{self, Col};
 use crate::arrow_out::rows_to_batch;
 use crate::error::{Loc, PrepError, Problem, RecordError, Result};
 use crate::formats::{normalise, Format, ReadOptions};
@@ -213,6 +215,14 @@ fn emit<'a>(g: &Group<'a>, ctx: &Ctx, stats: &mut Stats, rows: &mut Rows<'a>) {
     }
 }
 
+/// Names the lifetime of the groups a closure takes (a closure's own parameter types cannot).
+fn group_sink<'a, F>(f: F) -> F
+where
+    F: FnMut(Loc, std::result::Result<Group<'a>, RecordError>) -> Result<()>,
+{
+    f
+}
+
 fn process(chunk: Chunk, ctx: &Ctx) -> Result<ChunkOut> {
     let loc = first_loc(&chunk);
     let chunk = chunk.prepare().map_err(|m| PrepError::Config(format!("{}: {m}", ctx.source)))?;
@@ -230,12 +240,8 @@ fn process(chunk: Chunk, ctx: &Ctx) -> Result<ChunkOut> {
             emit(g, ctx, &mut stats, &mut rows);
         }
     }
-    chunk.for_each_record(|loc, parsed| {
+    let mut take = group_sink(|loc, group| {
         stats.rows_read += 1;
-        let group = parsed.and_then(|mut v| {
-            ctx.read.apply_column_map(&mut v);
-            normalise(v, ctx.format, &ctx.read)
-        });
         let group = group.and_then(|g| match ctx.kind {
             OutputKind::Lists => check_labels(&g, &ctx.lists, ctx.format, &ctx.read).map(|()| g),
             _ => Ok(g),
@@ -259,7 +265,38 @@ fn process(chunk: Chunk, ctx: &Ctx) -> Result<ChunkOut> {
                 Ok(())
             }
         }
-    })?;
+    });
+    let reader = match &chunk {
+        Chunk::Columns { columns, first_row } => GroupReader::new(columns, ctx.format, &ctx.read).map(|r| (r, columns, *first_row)),
+        _ => None,
+    };
+    if let Some((reader, columns, first_row)) = reader {
+        // Rows the reader declines are read as records, for the general path's results and errors.
+        let n = columns.first().map_or(0, |(_, a)| a.len());
+        let mut fallback: Option<Vec<(&str, Col<'_>)>> = None;
+        for i in 0..n {
+            let group = match reader.group(i) {
+                Some(g) => Ok(g),
+                None => {
+                    let cols = fallback.get_or_insert_with(|| arrow_in::columns(columns));
+                    let mut v = arrow_in::row(cols, i);
+                    ctx.read.apply_column_map(&mut v);
+                    normalise(v, ctx.format, &ctx.read)
+                }
+            };
+            take(Loc::Row(first_row + i as u64), group)?;
+        }
+    } else {
+        chunk.for_each_record(|loc, parsed| {
+            take(
+                loc,
+                parsed.and_then(|mut v| {
+                    ctx.read.apply_column_map(&mut v);
+                    normalise(v, ctx.format, &ctx.read)
+                }),
+            )
+        })?;
+    }
     let payload = if ctx.collect_groups {
         Payload::Groups(groups)
     } else {
