@@ -129,8 +129,15 @@ impl ListStats {
 
 impl Stats {
     pub fn drop_reason(&mut self, reason: &str, n: u64) {
-        if n > 0 {
-            *self.dropped.entry(reason.to_string()).or_default() += n;
+        if n == 0 {
+            return;
+        }
+        // Called per prompt or per pair: allocate the key only the first time it is seen.
+        match self.dropped.get_mut(reason) {
+            Some(count) => *count += n,
+            None => {
+                self.dropped.insert(reason.to_string(), n);
+            }
         }
     }
 
