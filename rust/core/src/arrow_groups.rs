@@ -16,8 +16,8 @@ use arrow_array::{Array, ArrayRef, Float64Array, Int64Array, ListArray, StringAr
 use arrow_schema::DataType;
 
 use crate::arrow_in::Col;
-use crate::formats::{Format, ReadOptions};
-use crate::model::{default_prompt_id, is_blank, Content, Fields, Group, Response};
+use crate::formats::{prompt_id_value, Format, ReadOptions};
+use crate::model::{is_blank, Content, Fields, Group, Response};
 
 /// A numeric column as `normalise` reads it (`Value::as_f64`), or one that is all null.
 #[derive(Clone, Copy)]
@@ -270,16 +270,7 @@ impl<'a> GroupReader<'a> {
             }
         };
         let prompt = Content::Text(Cow::Borrowed(prompt));
-        let prompt_id = match &self.prompt_id {
-            None => Cow::Owned(default_prompt_id(&prompt)),
-            Some(col) => match col.value(i) {
-                crate::value::Value::Null => Cow::Owned(default_prompt_id(&prompt)),
-                crate::value::Value::Str(s) => s,
-                crate::value::Value::Int(v) => Cow::Owned(v.to_string()),
-                crate::value::Value::UInt(v) => Cow::Owned(v.to_string()),
-                _ => return None,
-            },
-        };
+        let prompt_id = prompt_id_value(self.prompt_id.as_ref().map(|c| c.value(i)), &prompt).ok()?;
         let extra: Fields<'a> = if self.drop_extra {
             Vec::new()
         } else {

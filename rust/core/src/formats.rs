@@ -317,7 +317,12 @@ fn prompt_content<'a>(v: Value<'a>, field: Field<'_>) -> RecResult<Content<'a>> 
 }
 
 fn prompt_id_of<'a>(fields: &mut Fields<'a>, prompt: &Content<'_>) -> RecResult<Cow<'a, str>> {
-    match take_field(fields, "prompt_id") {
+    prompt_id_value(take_field(fields, "prompt_id"), prompt)
+}
+
+/// A record's prompt id from its `prompt_id` value (absent or null: the default id).
+pub(crate) fn prompt_id_value<'a>(value: Option<Value<'a>>, prompt: &Content<'_>) -> RecResult<Cow<'a, str>> {
+    match value {
         None | Some(Value::Null) => Ok(Cow::Owned(default_prompt_id(prompt))),
         Some(Value::Str(s)) => Ok(s),
         Some(Value::Int(i)) => Ok(Cow::Owned(i.to_string())),

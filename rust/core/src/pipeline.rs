@@ -215,6 +215,12 @@ fn emit<'a>(g: &Group<'a>, ctx: &Ctx, stats: &mut Stats, rows: &mut Rows<'a>) {
     }
 }
 
+/// One record as a group: the column map, then the format's reading.
+fn read_record<'a>(mut record: Value<'a>, ctx: &Ctx) -> std::result::Result<Group<'a>, RecordError> {
+    ctx.read.apply_column_map(&mut record);
+    normalise(record, ctx.format, &ctx.read)
+}
+
 /// Names the lifetime of the groups a closure takes (a closure's own parameter types cannot).
 fn group_sink<'a, F>(f: F) -> F
 where
@@ -277,25 +283,12 @@ fn process(chunk: Chunk, ctx: &Ctx) -> Result<ChunkOut> {
         for i in 0..n {
             let group = match reader.group(i) {
                 Some(g) => Ok(g),
-                None => {
-                    let cols = fallback.get_or_insert_with(|| arrow_in::columns(columns));
-                    let mut v = arrow_in::row(cols, i);
-                    ctx.read.apply_column_map(&mut v);
-                    normalise(v, ctx.format, &ctx.read)
-                }
+                None => read_record(arrow_in::row(fallback.get_or_insert_with(|| arrow_in::columns(columns)), i), ctx),
             };
             take(Loc::Row(first_row + i as u64), group)?;
         }
     } else {
-        chunk.for_each_record(|loc, parsed| {
-            take(
-                loc,
-                parsed.and_then(|mut v| {
-                    ctx.read.apply_column_map(&mut v);
-                    normalise(v, ctx.format, &ctx.read)
-                }),
-            )
-        })?;
+        chunk.for_each_record(|loc, parsed| take(loc, parsed.and_then(|v| read_record(v, ctx))))?;
     }
     let payload = if ctx.collect_groups {
         Payload::Groups(groups)

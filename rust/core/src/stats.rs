@@ -127,23 +127,27 @@ impl ListStats {
     }
 }
 
+/// Add n to a count by name. Called per prompt or per pair: the key is allocated only the
+/// first time it is seen.
+fn add_count(counts: &mut BTreeMap<String, u64>, key: &str, n: u64) {
+    match counts.get_mut(key) {
+        Some(count) => *count += n,
+        None => {
+            counts.insert(key.to_string(), n);
+        }
+    }
+}
+
 impl Stats {
     pub fn drop_reason(&mut self, reason: &str, n: u64) {
-        if n == 0 {
-            return;
-        }
-        // Called per prompt or per pair: allocate the key only the first time it is seen.
-        match self.dropped.get_mut(reason) {
-            Some(count) => *count += n,
-            None => {
-                self.dropped.insert(reason.to_string(), n);
-            }
+        if n > 0 {
+            add_count(&mut self.dropped, reason, n);
         }
     }
 
     pub fn skip(&mut self, problem: &str, example: impl FnOnce() -> String) {
         self.rows_skipped += 1;
-        *self.skipped.entry(problem.to_string()).or_default() += 1;
+        add_count(&mut self.skipped, problem, 1);
         if self.skipped_examples.len() < MAX_EXAMPLES {
             self.skipped_examples.push(example());
         }
