@@ -7,7 +7,6 @@
 //! difficulty score). Ties are broken by `pair_id` (byte order), then by input position, so the
 //! order is total and does not depend on batching or threads.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
@@ -119,13 +118,13 @@ struct Keys {
     prompt_id: Option<StringArray>,
 }
 
-/// One row to sort: difficulty as an order-preserving integer (easy first), the first 8 bytes
-/// of its pair id (big-endian, zero-padded: same order as the bytes), its position, and the
-/// index of its prompt (stages schedule).
+/// One row to sort: difficulty as an order-preserving integer (easy first) and the first 8
+/// bytes of its pair id (big-endian, zero-padded: same order as the bytes) as one u128, so
+/// most comparisons are a single integer compare; its position, and the index of its prompt
+/// (stages schedule).
 #[derive(Clone, Copy)]
 struct Item {
-    key: u64,
-    pair_prefix: u64,
+    order: u128,
     batch: u32,
     row: u32,
     prompt: u32,
@@ -197,9 +196,10 @@ pub fn curriculum(table: &Table, opts: &CurriculumOptions) -> Result<CurriculumR
 
     let n = table.num_rows();
     // Prompt ids → dense indices, in input order (rows of a prompt usually sit together, so
-    // most rows reuse the previous row's index without hashing).
-    let mut prompt_index: HashMap<&str, u32, xxhash_rust::xxh3::Xxh3Builder> =
-        HashMap::with_hasher(xxhash_rust::xxh3::Xxh3Builder::new());
+    // most rows reuse the previous row's index without hashing). The table holds each id's
+    // hash beside its index, so growing it never rereads the ids.
+    let mut prompt_index: hashbrown::HashTable<(u64, u32)> = hashbrown::HashTable::new();
+    let mut prompt_ids: Vec<&str> = Vec::new();
     let mut last: Option<(&str, u32)> = None;
     let mut items: Vec<Item> = Vec::with_capacity(n);
     let (mut dmin, mut dmax, mut dsum) = (f64::INFINITY, f64::NEG_INFINITY, 0.0);
@@ -216,33 +216,42 @@ pub fn curriculum(table: &Table, opts: &CurriculumOptions) -> Result<CurriculumR
                     match last {
                         Some((prev, p)) if prev == id => p,
                         _ => {
-                            let next = prompt_index.len() as u32;
-                            let p = *prompt_index.entry(id).or_insert(next);
+                            let h = xxhash_rust::xxh3::xxh3_64(id.as_bytes());
+                            let same = |&(eh, ei): &(u64, u32)| eh == h && prompt_ids[ei as usize] == id;
+                            let p = match prompt_index.entry(h, same, |&(eh, _)| eh) {
+                                hashbrown::hash_table::Entry::Occupied(e) => e.get().1,
+                                hashbrown::hash_table::Entry::Vacant(e) => {
+                                    let p = prompt_ids.len() as u32;
+                                    e.insert((h, p));
+                                    prompt_ids.push(id);
+                                    p
+                                }
+                            };
                             last = Some((id, p));
                             p
                         }
                     }
                 }
             };
+            let key = if opts.descending_is_easy { !asc } else { asc };
             items.push(Item {
-                key: if opts.descending_is_easy { !asc } else { asc },
-                pair_prefix: prefix_u64(k.pair_id.value(ri)),
+                order: (key as u128) << 64 | prefix_u64(k.pair_id.value(ri)) as u128,
                 batch: bi as u32,
                 row: ri as u32,
                 prompt,
             });
         }
     }
-    let prompts_seen = prompt_index.len();
+    let prompts_seen = prompt_ids.len();
     drop(prompt_index);
+    drop(prompt_ids);
     let cmp = |a: &Item, b: &Item| {
-        a.key
-            .cmp(&b.key)
-            .then(a.pair_prefix.cmp(&b.pair_prefix))
+        a.order
+            .cmp(&b.order)
             .then_with(|| {
                 keys[a.batch as usize].pair_id.value(a.row as usize).cmp(keys[b.batch as usize].pair_id.value(b.row as usize))
             })
-            .then((a.batch, a.row).cmp(&(b.batch, b.row)))
+            .then_with(|| (a.batch, a.row).cmp(&(b.batch, b.row)))
     };
     sort_parallel(&mut items, threads, &cmp);
 
@@ -298,7 +307,7 @@ pub fn curriculum(table: &Table, opts: &CurriculumOptions) -> Result<CurriculumR
         let mut cols: Vec<ArrayRef> = columns
             .iter()
             .map(|arrays| {
-                arrow_select::interleave::interleave(arrays, idx)
+                super::gather::gather(arrays, idx)
                     .map_err(|e| PrepError::Config(format!("{source}: reordering rows: {e}")))
             })
             .collect::<Result<_>>()?;

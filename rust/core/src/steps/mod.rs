@@ -15,6 +15,7 @@ pub mod augment;
 pub mod cancel;
 pub mod curriculum;
 pub mod flip;
+pub mod gather;
 pub mod table;
 pub mod tokenize;
 pub mod fifa;
