@@ -2,7 +2,7 @@
 
 use std::borrow::Cow;
 
-use xxhash_rust::xxh3::Xxh3;
+use crate::rng::xxh3_of;
 
 use crate::value::Value;
 
@@ -45,15 +45,15 @@ impl<'a> Content<'a> {
     /// Feed the bytes that identify the content to a hasher: the text itself, or
     /// role \x1f content \x1e per message. Used for default prompt ids and pair ids; the
     /// Python reference mirrors it.
-    pub fn fingerprint_into(&self, h: &mut Xxh3) {
+    pub fn fingerprint_into(&self, h: &mut Vec<u8>) {
         match self {
-            Content::Text(t) => h.update(t.as_bytes()),
+            Content::Text(t) => h.extend_from_slice(t.as_bytes()),
             Content::Messages(ms) => {
                 for m in ms {
-                    h.update(m.role.as_bytes());
-                    h.update(&[0x1f]);
-                    h.update(m.content.as_bytes());
-                    h.update(&[0x1e]);
+                    h.extend_from_slice(m.role.as_bytes());
+                    h.push(0x1f);
+                    h.extend_from_slice(m.content.as_bytes());
+                    h.push(0x1e);
                 }
             }
         }
@@ -166,21 +166,19 @@ fn hex16(x: u64) -> String {
 
 /// Default prompt id: 16 hex digits of xxh3-64 over the prompt's fingerprint.
 pub fn default_prompt_id(prompt: &Content<'_>) -> String {
-    let mut h = Xxh3::new();
-    prompt.fingerprint_into(&mut h);
-    hex16(h.digest())
+    hex16(xxh3_of(|b| prompt.fingerprint_into(b)))
 }
 
 /// Pair id: 16 hex digits of xxh3-64 over prompt_id \0 chosen \0 rejected. Stable across runs,
 /// batchings and thread counts; equal only for identical pairs.
 pub fn pair_id(prompt_id: &str, chosen: &Content<'_>, rejected: &Content<'_>) -> String {
-    let mut h = Xxh3::new();
-    h.update(prompt_id.as_bytes());
-    h.update(&[0]);
-    chosen.fingerprint_into(&mut h);
-    h.update(&[0]);
-    rejected.fingerprint_into(&mut h);
-    hex16(h.digest())
+    hex16(xxh3_of(|b| {
+        b.extend_from_slice(prompt_id.as_bytes());
+        b.push(0);
+        chosen.fingerprint_into(b);
+        b.push(0);
+        rejected.fingerprint_into(b);
+    }))
 }
 
 #[cfg(test)]

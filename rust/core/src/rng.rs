@@ -5,28 +5,50 @@
 //! The definitions are simple on purpose: the pure-Python reference in the tests re-implements
 //! them bit for bit.
 
-use xxhash_rust::xxh3::Xxh3;
+use std::cell::RefCell;
+
+thread_local! {
+    static KEY_BYTES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// xxh3-64 of the bytes that `write` appends to an empty buffer. The same value as feeding
+/// them to xxh3's streaming hasher, which costs more per key: its state (a 256-byte buffer
+/// and the secret) is set up for every hasher, about as long as hashing a 200-byte key. The
+/// buffer is reused per thread; `write` must not call `xxh3_of` itself.
+pub fn xxh3_of(write: impl FnOnce(&mut Vec<u8>)) -> u64 {
+    KEY_BYTES.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        buf.clear();
+        write(&mut buf);
+        let h = xxhash_rust::xxh3::xxh3_64(&buf);
+        if buf.capacity() > 1 << 20 {
+            *buf = Vec::new(); // do not hold on to the memory of one huge key
+        }
+        h
+    })
+}
 
 /// xxh3-64 of `"prefops" ‖ seed (u64 little-endian) ‖ prompt_id (UTF-8)`.
 pub fn prompt_seed(seed: u64, prompt_id: &str) -> u64 {
-    let mut h = Xxh3::new();
-    h.update(b"prefops");
-    h.update(&seed.to_le_bytes());
-    h.update(prompt_id.as_bytes());
-    h.digest()
+    xxh3_of(|b| {
+        b.extend_from_slice(b"prefops");
+        b.extend_from_slice(&seed.to_le_bytes());
+        b.extend_from_slice(prompt_id.as_bytes());
+    })
 }
 
 /// A uniform number in [0, 1) for a keyed yes/no decision (e.g. whether to flip a pair):
 /// the top 53 bits of xxh3-64 of `"prefops" ‖ seed (u64 LE) ‖ domain ‖ 0x1f ‖ key`, times 2^-53.
 /// Depends only on the seed and the key, so decisions do not depend on batching or threads.
 pub fn keyed_unit(seed: u64, domain: &str, key: &str) -> f64 {
-    let mut h = Xxh3::new();
-    h.update(b"prefops");
-    h.update(&seed.to_le_bytes());
-    h.update(domain.as_bytes());
-    h.update(&[0x1f]);
-    h.update(key.as_bytes());
-    (h.digest() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    let h = xxh3_of(|b| {
+        b.extend_from_slice(b"prefops");
+        b.extend_from_slice(&seed.to_le_bytes());
+        b.extend_from_slice(domain.as_bytes());
+        b.push(0x1f);
+        b.extend_from_slice(key.as_bytes());
+    });
+    (h >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 
 /// SplitMix64 (Steele, Lea & Flood 2014).
@@ -123,6 +145,27 @@ mod tests {
         assert_eq!(keyed_unit(3, "flip", "k"), keyed_unit(3, "flip", "k"));
         assert_ne!(keyed_unit(3, "flip", "k"), keyed_unit(4, "flip", "k"));
         assert_ne!(keyed_unit(3, "flip", "k"), keyed_unit(3, "other", "k"));
+    }
+
+    #[test]
+    fn xxh3_of_equals_the_streaming_hasher() {
+        // Lengths around xxh3's size classes (16, 128, 240 bytes, the 256-byte stream buffer
+        // and 1 KiB stripes blocks), in several pieces, and one past the buffer's keep limit.
+        let mut r = SplitMix64::new(9);
+        for len in (0..1100).step_by(7).chain([2_000_000]) {
+            let bytes: Vec<u8> = (0..len).map(|_| r.next_u64() as u8).collect();
+            let cut = r.below(len + 1);
+            let mut h = xxhash_rust::xxh3::Xxh3::new();
+            h.update(&bytes[..cut]);
+            h.update(&bytes[cut..]);
+            let got = xxh3_of(|b| {
+                b.extend_from_slice(&bytes[..cut]);
+                b.extend_from_slice(&bytes[cut..]);
+            });
+            assert_eq!(got, h.digest(), "length {len}");
+        }
+        // The previous key's bytes do not leak into the next.
+        assert_eq!(xxh3_of(|b| b.push(1)), xxhash_rust::xxh3::xxh3_64(&[1]));
     }
 
     #[test]

@@ -224,8 +224,8 @@ impl Swapper {
                 columns.swap(a, b);
             } else {
                 let (ca, cb) = (columns[a].clone(), columns[b].clone());
-                columns[a] = arrow_select::zip::zip(mask, &cb, &ca).map_err(arrow)?;
-                columns[b] = arrow_select::zip::zip(mask, &ca, &cb).map_err(arrow)?;
+                columns[a] = gather::zip(mask, cb.as_ref(), ca.as_ref()).map_err(arrow)?;
+                columns[b] = gather::zip(mask, ca.as_ref(), cb.as_ref()).map_err(arrow)?;
             }
         }
         for &i in &self.negate {
