@@ -15,7 +15,7 @@ use arrow_schema::Field;
 use crate::formats::Format;
 use crate::lists::{gain, List};
 use crate::model::Group;
-use crate::output::{json_bytes, json_into, BatchColumns, ContentColumn, ContentJson, PairColumns};
+use crate::output::{json_bytes, json_into, room, strings, BatchColumns, ContentColumn, ContentJson, PairColumns};
 use crate::pairs::TiePolicy;
 use crate::value::Value;
 
@@ -89,6 +89,19 @@ pub fn write_list_jsonl(buf: &mut Vec<u8>, g: &Group<'_>, list: &List, cols: Lis
     buf.extend_from_slice(b"}\n");
 }
 
+/// How large the last batch of a run's list builder grew: the next one starts at these sizes
+/// (see [`crate::output::PairSizes`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ListSizes {
+    rows: usize,
+    /// Responses over all lists.
+    items: usize,
+    prompt_id: usize,
+    prompt: usize,
+    responses: usize,
+    models: usize,
+}
+
 /// List rows appended straight into Arrow builders: each per-response column is one flat child
 /// array sharing one offsets buffer. Carried-through columns go through the generic row path.
 pub struct ListBatchBuilder<'a> {
@@ -109,20 +122,41 @@ pub struct ListBatchBuilder<'a> {
 
 impl<'a> ListBatchBuilder<'a> {
     pub fn new(cols: ListColumns) -> Self {
+        Self::with_sizes(cols, ListSizes::default())
+    }
+
+    /// A builder with room for a batch of the given sizes (see [`ListBatchBuilder::sizes`]);
+    /// only the columns the run writes get room.
+    pub fn with_sizes(cols: ListColumns, s: ListSizes) -> Self {
+        let mut offsets = Vec::with_capacity(room(s.rows) + 1);
+        offsets.push(0);
+        let items = room(s.items);
         ListBatchBuilder {
             cols,
-            offsets: vec![0],
-            prompt_id: StringBuilder::new(),
-            prompt: ContentColumn::Empty(0),
-            responses: ContentColumn::Empty(0),
-            labels: Float64Builder::new(),
-            gains: Float64Builder::new(),
-            scores: Float64Builder::new(),
-            ranks: Float64Builder::new(),
-            models: StringBuilder::new(),
-            list_size: Int64Builder::new(),
-            extra: Vec::new(),
+            offsets,
+            prompt_id: strings(s.rows, s.prompt_id),
+            prompt: ContentColumn::with_capacity(s.rows, s.prompt),
+            responses: ContentColumn::with_capacity(s.items, s.responses),
+            labels: Float64Builder::with_capacity(items),
+            gains: Float64Builder::with_capacity(items),
+            scores: Float64Builder::with_capacity(items),
+            ranks: Float64Builder::with_capacity(if cols.ranks { items } else { 0 }),
+            models: if cols.models { strings(s.items, s.models) } else { strings(0, 0) },
+            list_size: Int64Builder::with_capacity(room(s.rows)),
+            extra: Vec::with_capacity(room(s.rows)),
             any_extra: false,
+        }
+    }
+
+    /// The sizes this batch has reached, to start the run's next builder at.
+    pub fn sizes(&self) -> ListSizes {
+        ListSizes {
+            rows: self.offsets.len() - 1,
+            items: *self.offsets.last().expect("starts with 0") as usize,
+            prompt_id: self.prompt_id.values_slice().len(),
+            prompt: self.prompt.text_bytes(),
+            responses: self.responses.text_bytes(),
+            models: self.models.values_slice().len(),
         }
     }
 
@@ -135,8 +169,12 @@ impl<'a> ListBatchBuilder<'a> {
             self.labels.append_value(label);
             self.gains.append_value(gain(label));
             self.scores.append_option(r.score);
-            self.ranks.append_option(r.rank);
-            self.models.append_option(r.model.as_deref());
+            if self.cols.ranks {
+                self.ranks.append_option(r.rank);
+            }
+            if self.cols.models {
+                self.models.append_option(r.model.as_deref());
+            }
         }
         let end = self.offsets.last().expect("starts with 0") + list.members.len() as i32;
         self.offsets.push(end);
@@ -177,6 +215,7 @@ impl<'a> ListBatchBuilder<'a> {
 mod tests {
     use super::*;
     use crate::arrow_in;
+    use crate::output::json_text_len;
     use crate::lists::{make_list, ListOptions};
     use crate::model::{Content, Message, Response};
     use crate::stats::Stats;
@@ -223,7 +262,23 @@ mod tests {
                 typed.append(g, &l);
                 write_list_jsonl(&mut jsonl, g, &l, cols);
             }
+            // The sizes it reports are the batch's; a builder started at them (or at any size)
+            // makes the same batch.
+            let sizes = typed.sizes();
+            let responses = || groups.iter().flat_map(|g| g.responses.iter());
+            assert_eq!((sizes.rows, sizes.items, sizes.prompt_id), (3, 7, 6));
+            assert_eq!(sizes.prompt, groups.iter().map(|g| json_text_len(&g.prompt)).sum::<usize>());
+            assert_eq!(sizes.responses, responses().map(|r| json_text_len(&r.content)).sum::<usize>());
+            let models: usize = responses().map(|r| r.model.as_deref().map_or(0, str::len)).sum();
+            assert_eq!(sizes.models, if cols.models { models } else { 0 });
             let batch = typed.finish();
+            for start in [sizes, ListSizes { rows: 1, items: 0, responses: 1 << 20, ..sizes }] {
+                let mut again = ListBatchBuilder::with_sizes(cols, start);
+                for g in &groups {
+                    again.append(g, &make_list(g, &ListOptions::default(), &mut Stats::default()).unwrap());
+                }
+                assert_eq!(again.finish(), batch);
+            }
             assert_eq!(batch.num_rows(), 3);
             let prepared = arrow_in::prepare_batch(&batch).unwrap();
             let from_arrow: Vec<Value> = arrow_in::rows(&prepared).collect();

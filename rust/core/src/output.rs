@@ -354,7 +354,8 @@ mod erased {
 /// List<Struct<role, content>>. A column that mixes the two becomes Utf8 with the message
 /// lists as JSON text — what the generic row path gives for mixed columns too.
 pub(crate) enum ContentColumn {
-    Empty(usize),
+    /// Nothing but nulls so far, and the (rows, bytes) to start a text builder at.
+    Empty { nulls: usize, capacity: (usize, usize) },
     Text(StringBuilder),
     Messages(ListBuilder<StructBuilder>),
 }
@@ -364,11 +365,24 @@ fn message_fields() -> Fields {
 }
 
 impl ContentColumn {
+    /// A column whose text builder, if it gets one, starts with room for `rows` values of
+    /// `bytes` bytes in all.
+    pub(crate) fn with_capacity(rows: usize, bytes: usize) -> Self {
+        ContentColumn::Empty { nulls: 0, capacity: (rows, bytes) }
+    }
+
+    /// Bytes of text so far (0 for messages).
+    pub(crate) fn text_bytes(&self) -> usize {
+        match self {
+            ContentColumn::Text(b) => b.values_slice().len(),
+            _ => 0,
+        }
+    }
+
     pub(crate) fn append(&mut self, c: &Content<'_>) {
-        if let ContentColumn::Empty(nulls) = self {
-            let nulls = *nulls;
+        if let ContentColumn::Empty { nulls, capacity: (rows, bytes) } = *self {
             *self = match c {
-                Content::Text(_) => ContentColumn::Text(StringBuilder::new()),
+                Content::Text(_) => ContentColumn::Text(strings(rows, bytes)),
                 Content::Messages(_) => ContentColumn::Messages(ListBuilder::new(StructBuilder::from_fields(message_fields(), 0))),
             };
             for _ in 0..nulls {
@@ -391,13 +405,13 @@ impl ContentColumn {
                 self.switch_to_text();
                 self.append(c);
             }
-            (ContentColumn::Empty(_), _) => unreachable!("set above"),
+            (ContentColumn::Empty { .. }, _) => unreachable!("set above"),
         }
     }
 
     fn append_null(&mut self) {
         match self {
-            ContentColumn::Empty(n) => *n += 1,
+            ContentColumn::Empty { nulls, .. } => *nulls += 1,
             ContentColumn::Text(b) => b.append_null(),
             ContentColumn::Messages(b) => b.append(false),
         }
@@ -427,15 +441,50 @@ impl ContentColumn {
 
     pub(crate) fn finish(&mut self) -> ArrayRef {
         match self {
-            ContentColumn::Empty(n) => Arc::new(arrow_array::NullArray::new(*n)),
+            ContentColumn::Empty { nulls, .. } => Arc::new(arrow_array::NullArray::new(*nulls)),
             ContentColumn::Text(b) => Arc::new(b.finish()),
             ContentColumn::Messages(b) => Arc::new(b.finish()),
         }
     }
 }
 
+/// Bytes a content takes in a text column (messages as JSON text).
+#[cfg(test)]
+pub(crate) fn json_text_len(c: &Content<'_>) -> usize {
+    match c {
+        Content::Text(t) => t.len(),
+        Content::Messages(_) => json_string(&ContentJson(c)).len(),
+    }
+}
+
 fn json_string<T: serde::Serialize + ?Sized>(v: &T) -> String {
     serde_json::to_string(v).expect("serialising to a String cannot fail")
+}
+
+/// Room for `rows` strings of `bytes` bytes in all, plus an eighth for a batch a little larger
+/// than the one the sizes come from.
+pub(crate) fn strings(rows: usize, bytes: usize) -> StringBuilder {
+    StringBuilder::with_capacity(rows + rows / 8, bytes + bytes / 8)
+}
+
+/// Room for `rows` values, plus an eighth.
+pub(crate) fn room(rows: usize) -> usize {
+    rows + rows / 8
+}
+
+/// How large the last batch of a run's pair builder grew: the next one starts at these sizes.
+/// Growing a column by doubling copies it once more and takes fresh pages for the copy, which
+/// the kernel zeroes; a starting size changes no output.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PairSizes {
+    rows: usize,
+    prompt_id: usize,
+    pair_id: usize,
+    prompt: usize,
+    chosen: usize,
+    rejected: usize,
+    chosen_model: usize,
+    rejected_model: usize,
 }
 
 /// Pair rows appended straight into Arrow builders (one copy of each string); the
@@ -468,27 +517,50 @@ pub struct PairBatchBuilder<'a> {
 
 impl<'a> PairBatchBuilder<'a> {
     pub fn new(cols: PairColumns) -> Self {
+        Self::with_sizes(cols, PairSizes::default())
+    }
+
+    /// A builder with room for a batch of the given sizes (see [`PairBatchBuilder::sizes`]);
+    /// only the columns the run writes get room.
+    pub fn with_sizes(cols: PairColumns, s: PairSizes) -> Self {
+        // Rows of a column the run writes, else none.
+        let rows_if = |written: bool| if written { s.rows } else { 0 };
+        let n = room(s.rows);
         PairBatchBuilder {
             cols,
             rows: 0,
-            prompt_id: StringBuilder::new(),
-            pair_id: StringBuilder::new(),
-            prompt: ContentColumn::Empty(0),
-            chosen: ContentColumn::Empty(0),
-            rejected: ContentColumn::Empty(0),
-            score_chosen: Float64Builder::new(),
-            score_rejected: Float64Builder::new(),
-            margin: Float64Builder::new(),
-            tie: BooleanBuilder::new(),
-            rank_chosen: Float64Builder::new(),
-            rank_rejected: Float64Builder::new(),
-            chosen_model: StringBuilder::new(),
-            rejected_model: StringBuilder::new(),
-            chosen_hallucinated: BooleanBuilder::new(),
-            rejected_hallucinated: BooleanBuilder::new(),
+            prompt_id: strings(s.rows, s.prompt_id),
+            pair_id: strings(s.rows, s.pair_id),
+            prompt: ContentColumn::with_capacity(s.rows, s.prompt),
+            chosen: ContentColumn::with_capacity(s.rows, s.chosen),
+            rejected: ContentColumn::with_capacity(s.rows, s.rejected),
+            score_chosen: Float64Builder::with_capacity(n),
+            score_rejected: Float64Builder::with_capacity(n),
+            margin: Float64Builder::with_capacity(n),
+            tie: BooleanBuilder::with_capacity(room(rows_if(cols.tie))),
+            rank_chosen: Float64Builder::with_capacity(room(rows_if(cols.ranks))),
+            rank_rejected: Float64Builder::with_capacity(room(rows_if(cols.ranks))),
+            chosen_model: strings(rows_if(cols.models), s.chosen_model),
+            rejected_model: strings(rows_if(cols.models), s.rejected_model),
+            chosen_hallucinated: BooleanBuilder::with_capacity(room(rows_if(cols.hallucinated))),
+            rejected_hallucinated: BooleanBuilder::with_capacity(room(rows_if(cols.hallucinated))),
             extra: Vec::new(),
-            extra_row: Vec::new(),
+            extra_row: Vec::with_capacity(n),
             any_extra: false,
+        }
+    }
+
+    /// The sizes this batch has reached, to start the run's next builder at.
+    pub fn sizes(&self) -> PairSizes {
+        PairSizes {
+            rows: self.rows,
+            prompt_id: self.prompt_id.values_slice().len(),
+            pair_id: self.pair_id.values_slice().len(),
+            prompt: self.prompt.text_bytes(),
+            chosen: self.chosen.text_bytes(),
+            rejected: self.rejected.text_bytes(),
+            chosen_model: self.chosen_model.values_slice().len(),
+            rejected_model: self.rejected_model.values_slice().len(),
         }
     }
 
@@ -510,13 +582,22 @@ impl<'a> PairBatchBuilder<'a> {
             self.score_chosen.append_option(c.score);
             self.score_rejected.append_option(r.score);
             self.margin.append_value(p.margin);
-            self.tie.append_value(p.tie);
-            self.rank_chosen.append_option(c.rank);
-            self.rank_rejected.append_option(r.rank);
-            self.chosen_model.append_option(c.model.as_deref());
-            self.rejected_model.append_option(r.model.as_deref());
-            self.chosen_hallucinated.append_option(c.hallucinated);
-            self.rejected_hallucinated.append_option(r.hallucinated);
+            // Only the columns this run writes (an unwritten one was a null per pair).
+            if self.cols.tie {
+                self.tie.append_value(p.tie);
+            }
+            if self.cols.ranks {
+                self.rank_chosen.append_option(c.rank);
+                self.rank_rejected.append_option(r.rank);
+            }
+            if self.cols.models {
+                self.chosen_model.append_option(c.model.as_deref());
+                self.rejected_model.append_option(r.model.as_deref());
+            }
+            if self.cols.hallucinated {
+                self.chosen_hallucinated.append_option(c.hallucinated);
+                self.rejected_hallucinated.append_option(r.hallucinated);
+            }
             self.extra_row.push(group_row);
         }
     }
@@ -651,6 +732,10 @@ mod tests {
         Content::Messages(vec![Message { role: "assistant".into(), content: text.into() }])
     }
 
+    fn model_len(r: &Response<'_>) -> usize {
+        r.model.as_deref().map_or(0, str::len)
+    }
+
     #[test]
     fn typed_builder_and_jsonl_writer_match_the_generic_rows() {
         let extra: crate::model::Fields<'static> =
@@ -681,7 +766,27 @@ mod tests {
                 rows.extend(pairs.iter().map(|p| pair_row(g, p, cols)));
                 write_pairs_jsonl(&mut jsonl, g, &pairs, cols);
             }
-            assert_eq!(typed.finish(), rows_to_batch(&rows, TYPE_HINTS));
+            // The sizes it reports are the batch's; a builder started at them (or at any size)
+            // makes the same batch.
+            let sizes = typed.sizes();
+            let text_bytes = |f: fn(&Group<'static>, &Pair) -> usize| -> usize {
+                groups.iter().flat_map(|g| make_pairs(g, &opts, &mut Stats::default()).into_iter().map(move |p| f(g, &p))).sum()
+            };
+            assert_eq!(sizes.rows, rows.len());
+            assert_eq!(sizes.prompt_id, rows.len());
+            assert_eq!(sizes.pair_id, 16 * rows.len());
+            assert_eq!(sizes.chosen, text_bytes(|g, p| json_text_len(&g.responses[p.chosen].content)));
+            assert_eq!(sizes.prompt, text_bytes(|g, _| json_text_len(&g.prompt)));
+            assert_eq!(sizes.chosen_model, if cols.models { text_bytes(|g, p| model_len(&g.responses[p.chosen])) } else { 0 });
+            let batch = typed.finish();
+            assert_eq!(batch, rows_to_batch(&rows, TYPE_HINTS));
+            for start in [sizes, PairSizes { rows: 1, prompt: 1, chosen: 1 << 20, ..sizes }] {
+                let mut again = PairBatchBuilder::with_sizes(cols, start);
+                for g in &groups {
+                    again.append(g, &make_pairs(g, &opts, &mut Stats::default()));
+                }
+                assert_eq!(again.finish(), batch);
+            }
             let generic: Vec<u8> = rows.iter().flat_map(|r| format!("{}\n", r.to_json()).into_bytes()).collect();
             assert_eq!(String::from_utf8(jsonl).unwrap(), String::from_utf8(generic).unwrap());
         }

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow_array::RecordBatch;
@@ -17,10 +17,12 @@ use crate::arrow_out::rows_to_batch;
 use crate::error::{Loc, PrepError, Problem, RecordError, Result};
 use crate::formats::{normalise, Format, ReadOptions};
 use crate::io::{read_file, BufferPool, Chunk, ChunkIter, Encoding, Output, Sink};
-use crate::list_output::{write_list_jsonl, ListBatchBuilder, ListColumns};
+use crate::list_output::{write_list_jsonl, ListBatchBuilder, ListColumns, ListSizes};
 use crate::lists::{check_labels, make_list, ListOptions};
 use crate::model::Group;
-use crate::output::{grouped_row, unpaired_rows, write_pairs_jsonl, OutputKind, PairBatchBuilder, PairColumns, TYPE_HINTS};
+use crate::output::{
+    grouped_row, unpaired_rows, write_pairs_jsonl, OutputKind, PairBatchBuilder, PairColumns, PairSizes, TYPE_HINTS,
+};
 use crate::pairs::{make_pairs, PairOptions};
 use crate::stats::Stats;
 use crate::value::Value;
@@ -115,6 +117,9 @@ struct Ctx {
     collect_groups: bool,
     /// Where JSONL chunk buffers and JSONL output buffers go back to after use.
     buffers: Arc<BufferPool>,
+    /// Sizes of the last Arrow batch built, which the next chunk's builder starts at.
+    pair_sizes: Mutex<PairSizes>,
+    list_sizes: Mutex<ListSizes>,
 }
 
 enum Payload {
@@ -221,6 +226,12 @@ fn read_record<'a>(mut record: Value<'a>, ctx: &Ctx) -> std::result::Result<Grou
     normalise(record, ctx.format, &ctx.read)
 }
 
+/// A size hint's lock; a hint is only ever replaced whole, so one a panicking thread held is
+/// still a valid hint.
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Names the lifetime of the groups a closure takes (a closure's own parameter types cannot).
 fn group_sink<'a, F>(f: F) -> F
 where
@@ -234,8 +245,12 @@ fn process(chunk: Chunk, ctx: &Ctx) -> Result<ChunkOut> {
     let chunk = chunk.prepare().map_err(|m| PrepError::Config(format!("{}: {m}", ctx.source)))?;
     let mut stats = Stats::default();
     let mut rows = match ctx.encoding {
-        Encoding::Arrow if ctx.kind == OutputKind::Pairs => Rows::Pairs(PairBatchBuilder::new(ctx.columns)),
-        Encoding::Arrow if ctx.kind == OutputKind::Lists => Rows::Lists(ListBatchBuilder::new(ctx.list_columns)),
+        Encoding::Arrow if ctx.kind == OutputKind::Pairs => {
+            Rows::Pairs(PairBatchBuilder::with_sizes(ctx.columns, *locked(&ctx.pair_sizes)))
+        }
+        Encoding::Arrow if ctx.kind == OutputKind::Lists => {
+            Rows::Lists(ListBatchBuilder::with_sizes(ctx.list_columns, *locked(&ctx.list_sizes)))
+        }
         Encoding::Arrow => Rows::Values(Vec::new()),
         Encoding::Jsonl => Rows::Jsonl(ctx.buffers.take()),
         Encoding::None => Rows::Counted,
@@ -296,8 +311,14 @@ fn process(chunk: Chunk, ctx: &Ctx) -> Result<ChunkOut> {
         match rows {
             Rows::Counted => Payload::Nothing,
             Rows::Values(v) => Payload::Batch(rows_to_batch(&v, TYPE_HINTS)),
-            Rows::Pairs(b) => Payload::Batch(b.finish()),
-            Rows::Lists(b) => Payload::Batch(b.finish()),
+            Rows::Pairs(b) => {
+                *locked(&ctx.pair_sizes) = b.sizes();
+                Payload::Batch(b.finish())
+            }
+            Rows::Lists(b) => {
+                *locked(&ctx.list_sizes) = b.sizes();
+                Payload::Batch(b.finish())
+            }
             Rows::Jsonl(buf) => Payload::Bytes(buf),
         }
     };
@@ -533,6 +554,8 @@ pub fn prep(input: Input, output: &Output, opts: &PrepOptions, interrupted: Inte
         skip_invalid: opts.skip_invalid,
         collect_groups: group_first,
         buffers: buffers.clone(),
+        pair_sizes: Mutex::default(),
+        list_sizes: Mutex::default(),
     };
 
     let progress = Progress::new(opts.progress, total, unit_bytes);
