@@ -88,7 +88,7 @@ fn zip_bytes<T: ByteArrayType>(mask: &BooleanArray, truthy: &dyn Array, falsy: &
         let o = sides[side].value_offsets();
         (o[start].as_usize(), o[end].as_usize())
     };
-    let length: usize = runs.iter().map(|r| span(r)).map(|(a, b)| b - a).sum();
+    let length: usize = runs.iter().map(&span).map(|(a, b)| b - a).sum();
     T::Offset::from_usize(length).ok_or_else(|| ArrowError::OffsetOverflowError(length))?;
 
     let mut offsets: Vec<T::Offset> = Vec::with_capacity(n + 1);
