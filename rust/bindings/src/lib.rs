@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex, Once};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod give_back;
 
 use pyo3::create_exception;
 use pyo3::exceptions::{PyKeyboardInterrupt, PyOSError, PyRuntimeError, PyValueError};
@@ -89,7 +91,7 @@ fn run_detached<T: Send>(py: Python<'_>, work: impl FnOnce() -> Result<T, PrepEr
     record_panics();
     FIRST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).take();
     let flag = Arc::new(AtomicBool::new(false));
-    let started = Instant::now();
+    let _running = give_back::call();
     let outcome = py.detach(|| {
         std::thread::scope(|s| {
             let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
@@ -105,12 +107,7 @@ fn run_detached<T: Send>(py: Python<'_>, work: impl FnOnce() -> Result<T, PrepEr
                     flag.store(true, Ordering::Relaxed);
                 }
             }
-            let joined = handle.join();
-            // Still without the GIL: the purge's madvise calls can take milliseconds.
-            if started.elapsed() >= Duration::from_secs(1) {
-                give_back_freed_memory();
-            }
-            joined
+            handle.join()
         })
     });
     match outcome {
@@ -790,7 +787,7 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// each one comes back as fresh pages that the kernel must fault in and zero (with
 /// transparent huge pages, 2 MiB at a time). Parquet -> Parquet best_vs_each, 1M prompts,
 /// 2 threads, delay 1 s -> 10 s: 88k page faults and 2.7 s of system time -> 4k and 0.7 s,
-/// wall 5.8 -> 4.7 s. The memory is not kept past the call: see give_back_freed_memory.
+/// wall 5.8 -> 4.7 s. The memory is not kept while the extension is idle: see give_back.
 /// A user's own MIMALLOC_PURGE_DELAY wins.
 fn tune_allocator() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
@@ -800,16 +797,6 @@ fn tune_allocator() {
 }
 
 const PURGE_DELAY_MS: std::os::raw::c_long = 10_000;
-
-/// At the end of a call of a second or more, return the memory its threads freed instead of
-/// holding it until mimalloc next runs (a purge is only checked inside allocator calls, so
-/// after a session's last call the cache stayed resident: 558 MB after a 250k-prompt prep
-/// returned, 37 MB with this). Short calls keep their cache: collecting after each 4k-row
-/// in-memory prep made the next one fault its buffers in again, 17.7 -> 22.8 ms per call.
-fn give_back_freed_memory() {
-    // SAFETY: mi_collect may be called from any thread at any time.
-    unsafe { libmimalloc_sys::mi_collect(true) };
-}
 
 /// The allocator's purge delay in milliseconds (for the test that pins the option index).
 #[pyfunction]
