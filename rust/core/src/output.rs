@@ -461,15 +461,15 @@ fn json_string<T: serde::Serialize + ?Sized>(v: &T) -> String {
     serde_json::to_string(v).expect("serialising to a String cannot fail")
 }
 
-/// Room for `rows` strings of `bytes` bytes in all, plus an eighth for a batch a little larger
-/// than the one the sizes come from.
-pub(crate) fn strings(rows: usize, bytes: usize) -> StringBuilder {
-    StringBuilder::with_capacity(rows + rows / 8, bytes + bytes / 8)
+/// Room for `n` values (or bytes), plus an eighth for a batch a little larger than the one the
+/// sizes come from.
+pub(crate) fn room(n: usize) -> usize {
+    n + n / 8
 }
 
-/// Room for `rows` values, plus an eighth.
-pub(crate) fn room(rows: usize) -> usize {
-    rows + rows / 8
+/// A string builder with room for `rows` strings of `bytes` bytes in all.
+pub(crate) fn strings(rows: usize, bytes: usize) -> StringBuilder {
+    StringBuilder::with_capacity(room(rows), room(bytes))
 }
 
 /// How large the last batch of a run's pair builder grew: the next one starts at these sizes.
