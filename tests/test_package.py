@@ -117,19 +117,28 @@ def test_freed_memory_is_kept_between_calls_and_handed_back_when_idle(tmp_path):
 _FORK_CHILD = r"""
 import os, sys, time, prefops, pyarrow.parquet as pq
 table = pq.read_table(sys.argv[1])
-def threads():
-    return [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-for i in range(6):
-    prefops.prep(table)
-    time.sleep(0.95 + 0.04 * i)  # forks around the moment the hand-back thread collects
+def has_thread():
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    return "prefops-give-ba" in names
+def call_and_check():
+    made = prefops.prep(table).stats["pairs_made"]
+    t = time.perf_counter()  # the new thread names itself as it starts
+    while not has_thread() and time.perf_counter() - t < 0.5:
+        time.sleep(0.01)
+    return made > 0 and has_thread()
+def fork(work):
     pid = os.fork()
     if pid == 0:
-        made = prefops.prep(table).stats["pairs_made"]
-        t = time.perf_counter()  # the new thread names itself as it starts
-        while "prefops-give-ba" not in threads() and time.perf_counter() - t < 0.5:
-            time.sleep(0.01)
-        os._exit(0 if made > 0 and "prefops-give-ba" in threads() else 3)
-    _, status = os.waitpid(pid, 0)
+        os._exit(0 if work() else 3)
+    return os.waitpid(pid, 0)[1]
+def child():
+    # A child's own fork, right after its first call has started its thread.
+    return call_and_check() and fork(call_and_check) == 0
+# First right after the call that starts the thread, then around the moment it collects.
+for pause in [0, 0.95, 0.99, 1.03, 1.07, 1.11]:
+    prefops.prep(table)
+    time.sleep(pause)
+    status = fork(child)
     assert status == 0, status
 print("ok")
 """
@@ -137,9 +146,10 @@ print("ok")
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork, /proc/self/task")
 def test_forks_while_memory_is_handed_back_leave_working_children(tmp_path):
-    """The hand-back thread outlives a call by about a second. A fork then (a DataLoader worker,
-    a Pool) must give a child whose calls work and which starts its own hand-back thread; a
-    deadlock here would be a hang, so the child process has a timeout."""
+    """The hand-back thread starts with the first call and collects about a second after each.
+    A fork at either moment (a DataLoader worker, a Pool), and a fork in the child, must give
+    processes whose calls work and which start their own hand-back thread; a deadlock would be
+    a hang, so the process has a timeout."""
     import pyarrow.parquet as pq
 
     src = tmp_path / "in.parquet"

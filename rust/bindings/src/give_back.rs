@@ -4,15 +4,19 @@
 //! only checks the delay inside allocator calls, so after a process's last call the cache would
 //! stay resident (558 MB after a 250k-prompt prep). Handing it back as each long call returned
 //! fixed that, but made the next call fault its whole working set in again, pages the kernel
-//! zeroes. So a background thread hands it back once no call has run for [`IDLE`]; the thread
-//! exits when there is nothing left to hand back.
+//! zeroes. So a background thread, started by the first call, hands it back once no call has
+//! run for [`IDLE`], and then parks until the next call ends.
 //!
-//! State is in atomics, so a fork never inherits a held lock; a child has no copy of the thread
-//! and starts its own. A fork while the thread is inside the allocator could leave the child's
-//! allocator locked, so a pthread_atfork handler makes `fork` wait until that is done.
+//! Forks: state is in atomics, so a child never inherits a held lock of ours; it has no copy
+//! of the thread and starts its own. A fork while the thread is inside the allocator could
+//! leave the child's allocator locked (mimalloc's locks are plain mutexes), so everything the
+//! thread does in the allocator (setting up its heap, handing memory back) holds `IN_COLLECT`,
+//! which a pthread_atfork handler takes around `fork`. The thread never exits, because its
+//! teardown would be allocator work outside that lock.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Once, OnceLock};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 /// How long the extension must be idle before its freed memory goes back.
@@ -23,9 +27,11 @@ static RUNNING: AtomicUsize = AtomicUsize::new(0);
 /// When the last call ended (milliseconds since `epoch()`, at least 1), or 0 once its memory
 /// has been handed back.
 static ENDED_MS: AtomicU64 = AtomicU64::new(0);
-/// The process whose thread is handing memory back, or 0 when no thread is.
-static THREAD_OF: AtomicU32 = AtomicU32::new(0);
-/// Held while the allocator hands memory back, and by `fork` (see the module docs).
+/// Whether this process has started its thread (cleared in a forked child).
+static STARTED: AtomicBool = AtomicBool::new(false);
+/// The thread's handle, to wake it; null until it has set itself up (and in a forked child).
+static WAKER: AtomicPtr<Thread> = AtomicPtr::new(std::ptr::null_mut());
+/// Held while the thread is inside the allocator, and by `fork` (see the module docs).
 static mut IN_COLLECT: libc::pthread_mutex_t = libc::PTHREAD_MUTEX_INITIALIZER;
 
 fn epoch() -> Instant {
@@ -49,39 +55,44 @@ impl Drop for Call {
     fn drop(&mut self) {
         ENDED_MS.store(now_ms(), SeqCst);
         RUNNING.fetch_sub(1, SeqCst);
-        start_thread();
+        // Before STARTED, so that a child forked once it is set always gets it cleared.
+        guard_forks();
+        if !STARTED.swap(true, SeqCst) {
+            start_thread();
+            return;
+        }
+        // A thread that has not set up its waker yet reads ENDED_MS after doing so (SeqCst:
+        // this store comes before that load), so no end is missed.
+        let waker = WAKER.load(SeqCst);
+        if !waker.is_null() {
+            // SAFETY: set once per process from a leaked Box, never freed.
+            unsafe { (*waker).unpark() };
+        }
     }
 }
 
-/// Start the hand-back thread unless this process has one running.
 fn start_thread() {
-    let pid = std::process::id();
-    let held = THREAD_OF.load(SeqCst);
-    if held == pid || THREAD_OF.compare_exchange(held, pid, SeqCst, SeqCst).is_err() {
-        return;
-    }
-    guard_forks();
     if std::thread::Builder::new().name("prefops-give-back".into()).spawn(hand_back_when_idle).is_err() {
         // Without the thread, memory stays with the allocator, as it would without us.
-        THREAD_OF.store(0, SeqCst);
+        STARTED.store(false, SeqCst);
     }
 }
 
 fn hand_back_when_idle() {
     // mi_collect works through the calling thread's heap: one this thread has not used is not
-    // set up, and the call would return at once without purging anything.
-    // SAFETY: sets up this thread's allocator state; no preconditions.
-    unsafe { libmimalloc_sys::mi_thread_init() };
-    let pid = std::process::id();
+    // set up, and the call would return at once without purging anything. Setting it up, and
+    // the waker's allocation, happen under the fork guard.
+    with_fork_guard(|| {
+        // SAFETY: sets up this thread's allocator state; no preconditions.
+        unsafe { libmimalloc_sys::mi_thread_init() };
+        WAKER.store(Box::into_raw(Box::new(std::thread::current())), SeqCst);
+    });
     loop {
         let ended = ENDED_MS.load(SeqCst);
         if ended == 0 {
-            // Nothing to hand back: stop, unless a call ended while stopping, whose thread
-            // start saw this one still running.
-            THREAD_OF.store(0, SeqCst);
-            if ENDED_MS.load(SeqCst) == 0 || THREAD_OF.compare_exchange(0, pid, SeqCst, SeqCst).is_err() {
-                return;
-            }
+            // Nothing to hand back until a call ends; it unparks us (a wake-up that came
+            // before this park makes it return at once).
+            std::thread::park();
             continue;
         }
         let idle = Duration::from_millis(now_ms().saturating_sub(ended));
@@ -91,34 +102,41 @@ fn hand_back_when_idle() {
         }
         // Another call may end meanwhile: then its end time stays, and is handled next round.
         if ENDED_MS.compare_exchange(ended, 0, SeqCst, SeqCst).is_ok() {
-            collect();
+            // SAFETY: mi_collect may be called from any thread at any time.
+            with_fork_guard(|| unsafe { libmimalloc_sys::mi_collect(true) });
         }
     }
 }
 
-fn collect() {
-    // SAFETY: a statically initialised mutex, locked and unlocked on this thread; mi_collect
-    // may be called from any thread at any time.
-    unsafe {
-        libc::pthread_mutex_lock(&raw mut IN_COLLECT);
-        libmimalloc_sys::mi_collect(true);
-        libc::pthread_mutex_unlock(&raw mut IN_COLLECT);
-    }
+fn with_fork_guard(work: impl FnOnce()) {
+    // SAFETY: a statically initialised mutex, locked and unlocked on this thread.
+    unsafe { libc::pthread_mutex_lock(&raw mut IN_COLLECT) };
+    work();
+    // SAFETY: locked above by this thread.
+    unsafe { libc::pthread_mutex_unlock(&raw mut IN_COLLECT) };
 }
 
 fn guard_forks() {
     static INSTALL: Once = Once::new();
     INSTALL.call_once(|| {
         extern "C" fn before() {
-            // SAFETY: see collect; the forking thread locks it here and unlocks it right after
-            // the fork, in the parent and (as the same thread) in the child.
+            // SAFETY: see with_fork_guard; the forking thread locks it here and unlocks it
+            // right after the fork, in the parent and (as the same thread) in the child.
             unsafe { libc::pthread_mutex_lock(&raw mut IN_COLLECT) };
         }
-        extern "C" fn after() {
+        extern "C" fn in_parent() {
             // SAFETY: locked by this thread in `before`.
             unsafe { libc::pthread_mutex_unlock(&raw mut IN_COLLECT) };
         }
-        // SAFETY: registers plain functions that only lock and unlock IN_COLLECT.
-        unsafe { libc::pthread_atfork(Some(before), Some(after), Some(after)) };
+        extern "C" fn in_child() {
+            // The thread was not copied: the child's first call starts its own. (The parent's
+            // waker is left allocated, as it is in the parent.)
+            WAKER.store(std::ptr::null_mut(), SeqCst);
+            STARTED.store(false, SeqCst);
+            // SAFETY: locked by this thread in `before`.
+            unsafe { libc::pthread_mutex_unlock(&raw mut IN_COLLECT) };
+        }
+        // SAFETY: registers plain functions that only touch atomics and IN_COLLECT.
+        unsafe { libc::pthread_atfork(Some(before), Some(in_parent), Some(in_child)) };
     });
 }

@@ -137,9 +137,14 @@ fn check_indices(arrays: &[&dyn Array], indices: &[(usize, usize)]) -> Result<()
     for &(a, b) in indices {
         match lens.get(a) {
             Some(&len) if b < len => {}
-            _ => {
+            Some(&len) => {
                 return Err(ArrowError::InvalidArgumentError(format!(
-                    "gather index ({a}, {b}) out of range of {} arrays",
+                    "gather index ({a}, {b}): row {b} is out of range of array {a}'s {len} rows"
+                )))
+            }
+            None => {
+                return Err(ArrowError::InvalidArgumentError(format!(
+                    "gather index ({a}, {b}): array {a} is out of range of {} arrays",
                     arrays.len()
                 )))
             }
@@ -170,7 +175,8 @@ fn gather_primitive<T: ArrowPrimitiveType>(arrays: &[&dyn Array], indices: &[(us
         }
         out.push(values[a][b]);
     }
-    // Keeps the input's data type (a timestamp's unit and zone, a decimal's precision).
+    // Keeps the input's data type (Int64 and Float64 only reach here today, but a narrowed
+    // type such as a timestamp's unit and zone would survive).
     let array = PrimitiveArray::<T>::new(out.into(), gather_nulls(arrays, indices)).with_data_type(arrays[0].data_type().clone());
     Ok(Arc::new(array))
 }
@@ -193,7 +199,7 @@ fn gather_bytes<T: ByteArrayType>(arrays: &[&dyn Array], indices: &[(usize, usiz
     // Pass 1: where each value lies, and the output offsets. Each source is a window of the
     // value's buffer that starts at the value and holds it, and up to SHORT_COPY bytes when
     // the buffer has them, so that a short value can be copied as a fixed-size block.
-    let mut sources: Vec<(&[u8], u32)> = Vec::with_capacity(indices.len());
+    let mut sources: Vec<(&[u8], usize)> = Vec::with_capacity(indices.len());
     let mut offsets: Vec<T::Offset> = Vec::with_capacity(indices.len() + 1);
     let mut length = 0usize;
     offsets.push(T::Offset::default());
@@ -204,8 +210,7 @@ fn gather_bytes<T: ByteArrayType>(arrays: &[&dyn Array], indices: &[(usize, usiz
         let array = arrays[a];
         let (o, data) = (array.value_offsets(), array.value_data());
         let (start, end) = (o[b].as_usize(), o[b + 1].as_usize());
-        let len = u32::try_from(end - start).map_err(|_| ArrowError::OffsetOverflowError(end - start))?;
-        sources.push((&data[start..end.max((start + SHORT_COPY).min(data.len()))], len));
+        sources.push((&data[start..end.max((start + SHORT_COPY).min(data.len()))], end - start));
         length += end - start;
         offsets.push(T::Offset::from_usize(length).ok_or_else(|| ArrowError::OffsetOverflowError(length))?);
     }
@@ -220,7 +225,7 @@ fn gather_bytes<T: ByteArrayType>(arrays: &[&dyn Array], indices: &[(usize, usiz
         if let Some((next, _)) = sources.get(i + PREFETCH_ROWS) {
             prefetch(next.as_ptr());
         }
-        let (n, w) = (len as usize, window.len());
+        let (n, w) = (len, window.len());
         // SAFETY: `window` is a slice, so its first `w` bytes may be read; every copy below
         // reads at most `w` of them. It writes at most max(n, SHORT_COPY) bytes from `pos`,
         // and pos + n <= length, so within the capacity of length + SHORT_COPY.
@@ -291,7 +296,13 @@ mod tests {
                 .iter()
                 .map(|a| { let from = slice_from.min(a.len() - 1); a.slice(from, a.len() - from) })
                 .collect();
-            for set in [&arrays, &sliced] {
+            // Trimmed at the back too: the values buffer holds bytes past the last value,
+            // which a short value's fixed-size block may read but must not gather.
+            let trimmed: Vec<StringArray> = arrays
+                .iter()
+                .map(|a| { let from = slice_from.min(a.len() - 1); a.slice(from, (a.len() - from).div_ceil(2)) })
+                .collect();
+            for set in [&arrays, &sliced, &trimmed] {
                 let refs: Vec<&dyn Array> = set.iter().map(|a| a as &dyn Array).collect();
                 let indices: Vec<(usize, usize)> =
                     picks.iter().map(|&(a, b)| (a % set.len(), b % set[a % set.len()].len())).collect();
@@ -366,5 +377,17 @@ mod tests {
         assert!(gather(&[&s], &[(0, 2)]).is_err());
         assert!(gather(&[&s], &[(1, 0)]).is_err());
         check(&[&s], &[]);
+    }
+
+    #[test]
+    fn offsets_past_i32_are_an_error_not_a_wrap() {
+        // Checked while sizing, before the values are allocated: 33 picks of a 64 MiB value
+        // would need offsets past i32::MAX, and cost no more than the value itself here.
+        let big = StringArray::from(vec!["x".repeat(64 << 20)]);
+        match gather(&[&big], &[(0, 0); 33]) {
+            Err(ArrowError::OffsetOverflowError(n)) => assert!(n > i32::MAX as usize),
+            other => panic!("expected an offset overflow, got {other:?}"),
+        }
+        assert_eq!(gather(&[&big], &[(0, 0); 2]).unwrap().len(), 2); // the total overflows, not the value
     }
 }
