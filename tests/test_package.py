@@ -1,5 +1,6 @@
 """The installed wheel: its three parts, a cheap import, and the thread-count variable."""
 
+import os
 import subprocess
 import sys
 from importlib.metadata import files
@@ -14,6 +15,23 @@ def test_installed_wheel_has_extension_python_package_and_kernels():
     assert "prefops/kernels/__init__.py" in names and "prefops/kernels/token_logprobs.py" in names
     assert "prefops/ops/token_logprobs.py" in names and "prefops/ops/token_logprobs_torch.py" in names
     assert "prefops/samples/hh_harmless_sample.jsonl.gz" in names
+
+
+def test_checkout_kernels_dir_does_not_shadow_an_installed_kernels_package(tmp_path):
+    """Scripts and `python -m pytest` run from a checkout have it first on sys.path. Its
+    top-level kernels/ must not be a regular package there, or it shadows PyPI's `kernels`
+    (which transformers >= 5.25 requires and imports: `from kernels import CUDAProperties`)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "kernels" / "token_logprobs.py").is_file()
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("CUDAProperties = 'installed'\n")
+    code = "import sys; sys.path.insert(0, ''); from kernels import CUDAProperties; print(CUDAProperties)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONPATH": str(site)},
+                       capture_output=True, text=True)
+    assert (r.returncode, r.stdout.strip()) == (0, "installed"), r.stderr
 
 
 def test_import_is_cheap_and_gpu_free():

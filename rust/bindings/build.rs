@@ -1,5 +1,10 @@
 //! Copy the Triton kernels from the top-level `kernels/` into OUT_DIR/kernels, from where
 //! maturin puts them in the wheel as `prefops.kernels` (see pyproject.toml `include`).
+//!
+//! `kernels/` has no `__init__.py`; the package's is written here. A regular package named
+//! `kernels` at the top of a checkout would shadow PyPI's `kernels` (a transformers dependency)
+//! for anything run from there: transformers' `from kernels import CUDAProperties` failed on
+//! ours. A directory without one is at most a namespace package, which a real install beats.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -27,4 +32,13 @@ fn main() {
     println!("cargo:rerun-if-changed={}", kernels.display());
     let _ = fs::remove_dir_all(&out);
     copy_tree(&kernels, &out);
+    fs::write(out.join("__init__.py"), PACKAGE_INIT).expect("write OUT_DIR/kernels/__init__.py");
 }
+
+const PACKAGE_INIT: &str = r#""""Triton kernels of prefops (from the repository's `kernels/`).
+
+Nothing here is imported by ``import prefops``: triton is loaded only when a fused op is
+first called on a GPU tensor (or under ``TRITON_INTERPRET=1``). The torch reference of
+every kernel lives in ``prefops.ops``.
+"""
+"#;
