@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 from importlib.metadata import files
+from pathlib import Path
 
 import pytest
 
@@ -21,8 +22,6 @@ def test_checkout_kernels_dir_does_not_shadow_an_installed_kernels_package(tmp_p
     """Scripts and `python -m pytest` run from a checkout have it first on sys.path. Its
     top-level kernels/ must not be a regular package there, or it shadows PyPI's `kernels`
     (which transformers >= 5.25 requires and imports: `from kernels import CUDAProperties`)."""
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     assert (root / "kernels" / "token_logprobs.py").is_file()
     site = tmp_path / "site"
@@ -52,7 +51,7 @@ def test_ops_import_torch_but_not_triton():
 def test_console_script_is_installed():
     import shutil
 
-    exe = shutil.which("prefops", path=str(__import__("pathlib").Path(sys.executable).parent))
+    exe = shutil.which("prefops", path=str(Path(sys.executable).parent))
     assert exe is not None
     r = subprocess.run([exe, "prep", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--strategy" in r.stdout and "--skip-invalid" in r.stdout

@@ -10,7 +10,7 @@
 //! Forks: state is in atomics, so a child never inherits a held lock of ours; it has no copy
 //! of the thread and starts its own. A fork while the thread is inside the allocator could
 //! leave the child's allocator locked (mimalloc's locks are plain mutexes), so everything the
-//! thread does in the allocator (setting up its heap, handing memory back) holds `IN_COLLECT`,
+//! thread does in the allocator (setting up its heap, handing memory back) holds `IN_ALLOCATOR`,
 //! which a pthread_atfork handler takes around `fork`. The thread never exits, because its
 //! teardown would be allocator work outside that lock.
 
@@ -32,7 +32,7 @@ static STARTED: AtomicBool = AtomicBool::new(false);
 /// The thread's handle, to wake it; null until it has set itself up (and in a forked child).
 static WAKER: AtomicPtr<Thread> = AtomicPtr::new(std::ptr::null_mut());
 /// Held while the thread is inside the allocator, and by `fork` (see the module docs).
-static mut IN_COLLECT: libc::pthread_mutex_t = libc::PTHREAD_MUTEX_INITIALIZER;
+static mut IN_ALLOCATOR: libc::pthread_mutex_t = libc::PTHREAD_MUTEX_INITIALIZER;
 
 fn epoch() -> Instant {
     static START: OnceLock<Instant> = OnceLock::new();
@@ -110,10 +110,10 @@ fn hand_back_when_idle() {
 
 fn with_fork_guard(work: impl FnOnce()) {
     // SAFETY: a statically initialised mutex, locked and unlocked on this thread.
-    unsafe { libc::pthread_mutex_lock(&raw mut IN_COLLECT) };
+    unsafe { libc::pthread_mutex_lock(&raw mut IN_ALLOCATOR) };
     work();
     // SAFETY: locked above by this thread.
-    unsafe { libc::pthread_mutex_unlock(&raw mut IN_COLLECT) };
+    unsafe { libc::pthread_mutex_unlock(&raw mut IN_ALLOCATOR) };
 }
 
 fn guard_forks() {
@@ -122,11 +122,11 @@ fn guard_forks() {
         extern "C" fn before() {
             // SAFETY: see with_fork_guard; the forking thread locks it here and unlocks it
             // right after the fork, in the parent and (as the same thread) in the child.
-            unsafe { libc::pthread_mutex_lock(&raw mut IN_COLLECT) };
+            unsafe { libc::pthread_mutex_lock(&raw mut IN_ALLOCATOR) };
         }
         extern "C" fn in_parent() {
             // SAFETY: locked by this thread in `before`.
-            unsafe { libc::pthread_mutex_unlock(&raw mut IN_COLLECT) };
+            unsafe { libc::pthread_mutex_unlock(&raw mut IN_ALLOCATOR) };
         }
         extern "C" fn in_child() {
             // The thread was not copied: the child's first call starts its own. (The parent's
@@ -134,9 +134,9 @@ fn guard_forks() {
             WAKER.store(std::ptr::null_mut(), SeqCst);
             STARTED.store(false, SeqCst);
             // SAFETY: locked by this thread in `before`.
-            unsafe { libc::pthread_mutex_unlock(&raw mut IN_COLLECT) };
+            unsafe { libc::pthread_mutex_unlock(&raw mut IN_ALLOCATOR) };
         }
-        // SAFETY: registers plain functions that only touch atomics and IN_COLLECT.
+        // SAFETY: registers plain functions that only touch atomics and IN_ALLOCATOR.
         unsafe { libc::pthread_atfork(Some(before), Some(in_parent), Some(in_child)) };
     });
 }

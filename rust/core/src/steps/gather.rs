@@ -175,9 +175,8 @@ fn gather_primitive<T: ArrowPrimitiveType>(arrays: &[&dyn Array], indices: &[(us
         }
         out.push(values[a][b]);
     }
-    // Keeps the input's data type (Int64 and Float64 only reach here today, but a narrowed
-    // type such as a timestamp's unit and zone would survive).
-    let array = PrimitiveArray::<T>::new(out.into(), gather_nulls(arrays, indices)).with_data_type(arrays[0].data_type().clone());
+    // `gather` sends only T's own data type here (not timestamps or decimals), so T's default is it.
+    let array = PrimitiveArray::<T>::new(out.into(), gather_nulls(arrays, indices));
     Ok(Arc::new(array))
 }
 
