@@ -21,7 +21,7 @@ use crate::model::{is_blank, Content, Fields, Group, Response};
 
 /// A numeric column as `normalise` reads it (`Value::as_f64`), or one that is all null.
 #[derive(Clone, Copy)]
-enum Num<'a> {
+pub(crate) enum Num<'a> {
     Float(&'a Float64Array),
     Int(&'a Int64Array),
     UInt(&'a UInt64Array),
@@ -40,7 +40,7 @@ impl<'a> Num<'a> {
     }
 
     /// None for null.
-    fn get(self, i: usize) -> Option<f64> {
+    pub(crate) fn get(self, i: usize) -> Option<f64> {
         match self {
             Num::Float(a) => a.is_valid(i).then(|| a.value(i)),
             Num::Int(a) => a.is_valid(i).then(|| a.value(i) as f64),
@@ -51,7 +51,7 @@ impl<'a> Num<'a> {
 }
 
 /// A column of text, present and not blank in row i.
-fn text(a: &StringArray, i: usize) -> Option<&str> {
+pub(crate) fn text(a: &StringArray, i: usize) -> Option<&str> {
     if a.is_null(i) {
         return None;
     }
@@ -65,8 +65,9 @@ fn utf8(array: &ArrayRef) -> Option<&StringArray> {
 
 /// A field that the reader passes through to the output (a carried column or a response's
 /// extra field), under its name after the column map.
-struct Carried<'a> {
-    name: Cow<'a, str>,
+pub(crate) struct Carried<'a> {
+    pub(crate) name: Cow<'a, str>,
+    pub(crate) array: &'a ArrayRef,
     col: Col<'a>,
 }
 
@@ -76,7 +77,7 @@ impl<'a> Carried<'a> {
     }
 }
 
-enum Layout<'a> {
+pub(crate) enum Layout<'a> {
     /// A prompt column and a list of response structs, each with a text and a required
     /// score (UltraFeedback) or rank (Nectar), an optional model and extra fields.
     Rated {
@@ -104,11 +105,11 @@ enum Layout<'a> {
 
 /// Reads groups from a batch's prepared columns (see `arrow_in::prepare_batch`).
 pub struct GroupReader<'a> {
-    layout: Layout<'a>,
-    prompt_id: Option<Col<'a>>,
+    pub(crate) layout: Layout<'a>,
+    pub(crate) prompt_id: Option<Col<'a>>,
     /// Columns the layout does not consume, in input order, with their indices.
-    carried: Vec<(usize, Carried<'a>)>,
-    drop_extra: bool,
+    pub(crate) carried: Vec<(usize, Carried<'a>)>,
+    pub(crate) drop_extra: bool,
 }
 
 /// Names after the column map, as `ReadOptions::apply_column_map` renames record keys.
@@ -168,7 +169,7 @@ impl<'a> GroupReader<'a> {
                     .iter()
                     .enumerate()
                     .filter(|&(j, _)| j != ti && j != ri && Some(j) != mi)
-                    .map(|(j, n)| Carried { name: n.clone(), col: Col::new(items.column(j)) })
+                    .map(|(j, n)| Carried { name: n.clone(), array: items.column(j), col: Col::new(items.column(j)) })
                     .collect();
                 Layout::Rated { prompt, list, items, text, rating, is_rank, model, item_extra }
             }
@@ -202,7 +203,7 @@ impl<'a> GroupReader<'a> {
             .into_iter()
             .enumerate()
             .filter(|(i, _)| !consumed.contains(i))
-            .map(|(i, name)| (i, Carried { name, col: Col::new(&columns[i].1) }))
+            .map(|(i, name)| (i, Carried { name, array: &columns[i].1, col: Col::new(&columns[i].1) }))
             .collect();
         Some(GroupReader { layout, prompt_id, carried, drop_extra: read.drop_extra })
     }

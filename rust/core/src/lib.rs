@@ -31,6 +31,7 @@ pub use pipeline::{prep, Input, PrepOptions, PrepReport, THREADS_ENV};
 pub use stats::Stats;
 pub use value::Value;
 
+mod list_columns;
 pub mod list_output;
 pub mod lists;
 pub use lists::{LabelKind, ListOptions, Truncate};

@@ -38,7 +38,7 @@ impl ListColumns {
 const LIST_COLUMNS: &[&str] =
     &["prompt_id", "prompt", "responses", "labels", "gains", "scores", "ranks", "models", "list_size"];
 
-fn is_list_column(name: &str) -> bool {
+pub(crate) fn is_list_column(name: &str) -> bool {
     LIST_COLUMNS.contains(&name)
 }
 

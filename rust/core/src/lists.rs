@@ -202,7 +202,20 @@ pub struct List {
 /// Make the list of one prompt, or None when it has too few responses. Counts drops and the
 /// list counters (`stats.lists`, `stats.ties_kept`).
 pub fn make_list(group: &Group<'_>, opts: &ListOptions, stats: &mut Stats) -> Option<List> {
-    let (pref, mut order) = preference_order(group, opts.dedupe, stats);
+    let (pref, order) = preference_order(group, opts.dedupe, stats);
+    list_of_order(&pref, order, |i| group.responses[i].score, &group.prompt_id, opts, stats)
+}
+
+/// [`make_list`] from the responses' preferences, their order (`order_by_preference`) and
+/// scores (for the "score" label), for readers that hold no `Group`.
+pub(crate) fn list_of_order(
+    pref: &[f64],
+    mut order: Vec<usize>,
+    score: impl Fn(usize) -> Option<f64>,
+    prompt_id: &str,
+    opts: &ListOptions,
+    stats: &mut Stats,
+) -> Option<List> {
     if order.len() < opts.min_size {
         stats.drop_reason("below_min_size", 1);
         stats.lists.get_or_insert_with(Default::default).responses_below_min_size += order.len() as u64;
@@ -210,7 +223,7 @@ pub fn make_list(group: &Group<'_>, opts: &ListOptions, stats: &mut Stats) -> Op
     }
     let mut truncated = false;
     if let Some(k) = opts.list_size.filter(|&k| order.len() > k) {
-        let mut rng = LazyStream::new(opts.seed, &group.prompt_id);
+        let mut rng = LazyStream::new(opts.seed, prompt_id);
         stats.drop_reason("over_list_size", (order.len() - k) as u64);
         truncated = true;
         order = match opts.truncate {
@@ -246,7 +259,7 @@ pub fn make_list(group: &Group<'_>, opts: &ListOptions, stats: &mut Stats) -> Op
                 })
                 .collect()
         }
-        LabelKind::Score => order.iter().map(|&i| group.responses[i].score.unwrap_or(pref[i])).collect(),
+        LabelKind::Score => order.iter().map(|&i| score(i).unwrap_or(pref[i])).collect(),
     };
 
     // Labels never increase along the list, so equal labels form runs.

@@ -108,22 +108,38 @@ pub struct Pair {
 /// better-ordered one is left out (counted as "duplicate_response"). Pairs and lists share it.
 pub fn preference_order(group: &Group<'_>, dedupe: bool, stats: &mut Stats) -> (Vec<f64>, Vec<usize>) {
     let pref: Vec<f64> = group.responses.iter().map(|r| r.preference()).collect();
+    let r = &group.responses;
+    let order = order_by_preference(&pref, dedupe, |a, b| r[a].content == r[b].content, stats);
+    (pref, order)
+}
+
+/// [`preference_order`] on the preferences alone, `same(a, b)` telling whether responses a and
+/// b have equal content (for readers that hold no `Group`).
+pub(crate) fn order_by_preference(
+    pref: &[f64],
+    dedupe: bool,
+    same: impl Fn(usize, usize) -> bool,
+    stats: &mut Stats,
+) -> Vec<usize> {
     let mut order: Vec<usize> = (0..pref.len()).collect();
     // Scores are validated finite; partial_cmp treats -0.0 and 0.0 as equal (a tie).
     order.sort_by(|&a, &b| pref[b].partial_cmp(&pref[a]).unwrap_or(std::cmp::Ordering::Equal));
 
     if dedupe {
-        let mut kept: Vec<usize> = Vec::with_capacity(order.len());
-        for &i in &order {
-            if kept.iter().any(|&k| group.responses[k].content == group.responses[i].content) {
+        // In place: the responses kept so far are order[..kept].
+        let mut kept = 0;
+        for a in 0..order.len() {
+            let i = order[a];
+            if order[..kept].iter().any(|&k| same(k, i)) {
                 stats.drop_reason("duplicate_response", 1);
             } else {
-                kept.push(i);
+                order[kept] = i;
+                kept += 1;
             }
         }
-        order = kept;
+        order.truncate(kept);
     }
-    (pref, order)
+    order
 }
 
 /// Make the pairs of one prompt. Counts drops in `stats`.

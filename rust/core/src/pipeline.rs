@@ -17,6 +17,7 @@ use crate::arrow_out::rows_to_batch;
 use crate::error::{Loc, PrepError, Problem, RecordError, Result};
 use crate::formats::{normalise, Format, ReadOptions};
 use crate::io::{read_file, BufferPool, Chunk, ChunkIter, Encoding, Output, Sink};
+use crate::list_columns;
 use crate::list_output::{write_list_jsonl, ListBatchBuilder, ListColumns, ListSizes};
 use crate::lists::{check_labels, make_list, ListOptions};
 use crate::model::Group;
@@ -255,6 +256,16 @@ fn process(chunk: Chunk, ctx: &Ctx) -> Result<ChunkOut> {
         Encoding::Jsonl => Rows::Jsonl(ctx.buffers.take()),
         Encoding::None => Rows::Counted,
     };
+    let reader = match &chunk {
+        Chunk::Columns { columns, first_row } => GroupReader::new(columns, ctx.format, &ctx.read).map(|r| (r, columns, *first_row)),
+        _ => None,
+    };
+    if let (Some((reader, columns, _)), Rows::Lists(_), false) = (&reader, &rows, ctx.collect_groups) {
+        let n = columns.first().map_or(0, |(_, a)| a.len());
+        if let Some((batch, stats)) = list_columns::lists_batch(reader, n, &ctx.lists, ctx.list_columns) {
+            return Ok(ChunkOut { loc, payload: Payload::Batch(batch), stats });
+        }
+    }
     let mut groups: Vec<(Loc, Group<'static>)> = Vec::new();
     if let Chunk::Groups { groups: gs, .. } = &chunk {
         for g in gs {
@@ -287,10 +298,6 @@ fn process(chunk: Chunk, ctx: &Ctx) -> Result<ChunkOut> {
             }
         }
     });
-    let reader = match &chunk {
-        Chunk::Columns { columns, first_row } => GroupReader::new(columns, ctx.format, &ctx.read).map(|r| (r, columns, *first_row)),
-        _ => None,
-    };
     if let Some((reader, columns, first_row)) = reader {
         // Rows the reader declines are read as records, for the general path's results and errors.
         let n = columns.first().map_or(0, |(_, a)| a.len());
