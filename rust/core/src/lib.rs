@@ -31,7 +31,7 @@ pub use pipeline::{prep, Input, PrepOptions, PrepReport, THREADS_ENV};
 pub use stats::Stats;
 pub use value::Value;
 
-mod list_columns;
+mod columnar;
 pub mod list_output;
 pub mod lists;
 pub use lists::{LabelKind, ListOptions, Truncate};

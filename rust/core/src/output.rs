@@ -119,7 +119,7 @@ const PAIR_COLUMNS: &[&str] = &[
     "rejected_hallucinated",
 ];
 
-fn is_pair_column(name: &str) -> bool {
+pub(crate) fn is_pair_column(name: &str) -> bool {
     PAIR_COLUMNS.contains(&name)
 }
 

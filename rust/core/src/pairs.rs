@@ -148,12 +148,18 @@ pub(crate) fn order_by_preference(
 /// order; that order decides "best", "worst" and which of two tied responses is `chosen`.
 pub fn make_pairs(group: &Group<'_>, opts: &PairOptions, stats: &mut Stats) -> Vec<Pair> {
     let (pref, order) = preference_order(group, opts.dedupe, stats);
+    pairs_of_order(&pref, &order, &group.prompt_id, opts, stats)
+}
+
+/// [`make_pairs`] from the responses' preferences and their order (`order_by_preference`),
+/// for readers that hold no `Group`.
+pub(crate) fn pairs_of_order(pref: &[f64], order: &[usize], prompt_id: &str, opts: &PairOptions, stats: &mut Stats) -> Vec<Pair> {
     if order.len() < 2 {
         stats.drop_reason("fewer_than_two_responses", 1);
         return Vec::new();
     }
 
-    let mut rng = LazyStream::new(opts.seed, &group.prompt_id);
+    let mut rng = LazyStream::new(opts.seed, prompt_id);
     let best = order[0];
     let candidates: Vec<(usize, usize)> = match opts.strategy {
         Strategy::BestVsWorst => vec![(best, *order.last().expect("len >= 2"))],

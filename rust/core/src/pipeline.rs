@@ -17,7 +17,7 @@ use crate::arrow_out::rows_to_batch;
 use crate::error::{Loc, PrepError, Problem, RecordError, Result};
 use crate::formats::{normalise, Format, ReadOptions};
 use crate::io::{read_file, BufferPool, Chunk, ChunkIter, Encoding, Output, Sink};
-use crate::list_columns;
+use crate::columnar;
 use crate::list_output::{write_list_jsonl, ListBatchBuilder, ListColumns, ListSizes};
 use crate::lists::{check_labels, make_list, ListOptions};
 use crate::model::Group;
@@ -260,9 +260,15 @@ fn process(chunk: Chunk, ctx: &Ctx) -> Result<ChunkOut> {
         Chunk::Columns { columns, first_row } => GroupReader::new(columns, ctx.format, &ctx.read).map(|r| (r, columns, *first_row)),
         _ => None,
     };
-    if let (Some((reader, columns, _)), Rows::Lists(_), false) = (&reader, &rows, ctx.collect_groups) {
+    // Arrow in, Arrow out: pairs and lists straight from the columns when the chunk allows.
+    if let (Some((reader, columns, _)), false) = (&reader, ctx.collect_groups) {
         let n = columns.first().map_or(0, |(_, a)| a.len());
-        if let Some((batch, stats)) = list_columns::lists_batch(reader, n, &ctx.lists, ctx.list_columns) {
+        let made = match rows {
+            Rows::Lists(_) => columnar::lists_batch(reader, n, &ctx.lists, ctx.list_columns),
+            Rows::Pairs(_) => columnar::pairs_batch(reader, n, &ctx.pairs, ctx.columns),
+            _ => None,
+        };
+        if let Some((batch, stats)) = made {
             return Ok(ChunkOut { loc, payload: Payload::Batch(batch), stats });
         }
     }
