@@ -10,6 +10,7 @@
 //! path might change) gives None, and the caller runs the row path on it: the results, stats
 //! and error messages are that path's.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
@@ -21,10 +22,10 @@ use arrow_schema::{DataType, Field};
 
 use crate::arrow_groups::{text, GroupReader, Layout, Num};
 use crate::list_output::{is_list_column, ListColumns};
+use crate::model::{pair_hash, push_hex16, Content};
 use crate::lists::{gain, list_of_order, LabelKind, ListOptions};
 use crate::output::{is_pair_column, BatchColumns, PairColumns, TYPE_HINTS};
 use crate::pairs::{order_by_preference, pairs_of_order, PairOptions};
-use crate::rng::xxh3_of;
 use crate::stats::Stats;
 use crate::steps::gather::gather;
 
@@ -194,11 +195,6 @@ fn all_null(len: usize) -> ArrayRef {
     Arc::new(Float64Array::new(vec![0.0; len].into(), Some(NullBuffer::new_null(len))))
 }
 
-fn push_hex16(buf: &mut Vec<u8>, x: u64) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    buf.extend((0..16).rev().map(|i| DIGITS[((x >> (4 * i)) & 0xf) as usize]));
-}
-
 /// Ids of 16 hex digits each, one after the other.
 fn hex_ids(bytes: Vec<u8>) -> ArrayRef {
     let rows = bytes.len() / 16;
@@ -207,8 +203,8 @@ fn hex_ids(bytes: Vec<u8>) -> ArrayRef {
     Arc::new(unsafe { StringArray::new_unchecked(offsets, bytes.into(), None) })
 }
 
-/// The default prompt id of a text prompt (`model::default_prompt_id`), appended to `ids`;
-/// returns it.
+/// The default prompt id of a text prompt, appended to `ids`; returns it. A text's fingerprint
+/// is its bytes, so this is `model::default_prompt_id` without the owned string.
 fn push_prompt_id<'b>(ids: &'b mut Vec<u8>, prompt: &str) -> &'b str {
     let start = ids.len();
     push_hex16(ids, xxhash_rust::xxh3::xxh3_64(prompt.as_bytes()));
@@ -307,14 +303,8 @@ pub(crate) fn pairs_batch(reader: &GroupReader<'_>, n: usize, opts: &PairOptions
                 stats.ties_kept += pair.tie as u64;
                 stats.margin_histogram.add(pair.margin);
                 let (c, j) = (start + pair.chosen, start + pair.rejected);
-                let hash = xxh3_of(|b| {
-                    b.extend_from_slice(prompt_id.as_bytes());
-                    b.push(0);
-                    b.extend_from_slice(r.texts.value(c).as_bytes());
-                    b.push(0);
-                    b.extend_from_slice(r.texts.value(j).as_bytes());
-                });
-                push_hex16(&mut pair_ids, hash);
+                let text = |k: usize| Content::Text(Cow::Borrowed(r.texts.value(k)));
+                push_hex16(&mut pair_ids, pair_hash(prompt_id, &text(c), &text(j)));
                 prompt_ids.extend_from_slice(prompt_id.as_bytes());
                 rows.push((0, i));
                 chosen.push((0, c));

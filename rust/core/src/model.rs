@@ -159,9 +159,15 @@ impl<'a> Group<'a> {
 
 /// 16 lowercase hex digits.
 fn hex16(x: u64) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let bytes: Vec<u8> = (0..16).rev().map(|i| DIGITS[((x >> (4 * i)) & 0xf) as usize]).collect();
+    let mut bytes = Vec::with_capacity(16);
+    push_hex16(&mut bytes, x);
     String::from_utf8(bytes).expect("hex digits are ASCII")
+}
+
+/// The 16 lowercase hex digits of `x` (the form of prompt and pair ids), appended to `buf`.
+pub(crate) fn push_hex16(buf: &mut Vec<u8>, x: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    buf.extend((0..16).rev().map(|i| DIGITS[((x >> (4 * i)) & 0xf) as usize]));
 }
 
 /// Default prompt id: 16 hex digits of xxh3-64 over the prompt's fingerprint.
@@ -172,13 +178,18 @@ pub fn default_prompt_id(prompt: &Content<'_>) -> String {
 /// Pair id: 16 hex digits of xxh3-64 over prompt_id \0 chosen \0 rejected. Stable across runs,
 /// batchings and thread counts; equal only for identical pairs.
 pub fn pair_id(prompt_id: &str, chosen: &Content<'_>, rejected: &Content<'_>) -> String {
-    hex16(xxh3_of(|b| {
+    hex16(pair_hash(prompt_id, chosen, rejected))
+}
+
+/// The xxh3-64 that [`pair_id`] writes in hex.
+pub(crate) fn pair_hash(prompt_id: &str, chosen: &Content<'_>, rejected: &Content<'_>) -> u64 {
+    xxh3_of(|b| {
         b.extend_from_slice(prompt_id.as_bytes());
         b.push(0);
         chosen.fingerprint_into(b);
         b.push(0);
         rejected.fingerprint_into(b);
-    }))
+    })
 }
 
 #[cfg(test)]
