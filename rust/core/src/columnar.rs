@@ -25,7 +25,7 @@ use crate::list_output::{is_list_column, ListColumns};
 use crate::model::{pair_hash, push_hex16, Content};
 use crate::lists::{gain, list_of_order, LabelKind, ListOptions};
 use crate::output::{is_pair_column, BatchColumns, PairColumns, TYPE_HINTS};
-use crate::pairs::{order_by_preference, pairs_of_order, PairOptions};
+use crate::pairs::{count_pairs, order_by_preference, pairs_of_order, PairOptions};
 use crate::stats::Stats;
 use crate::steps::gather::gather;
 
@@ -296,12 +296,8 @@ pub(crate) fn pairs_batch(reader: &GroupReader<'_>, n: usize, opts: &PairOptions
             let prompt_id = push_prompt_id(&mut id, p);
             let order = order_by_preference(pref, opts.dedupe, r.same(start), stats);
             let pairs = pairs_of_order(pref, &order, prompt_id, opts, stats);
-            stats.prompts_with_pairs += !pairs.is_empty() as u64;
-            stats.rows_written += pairs.len() as u64;
+            count_pairs(stats, &pairs);
             for pair in &pairs {
-                stats.pairs_made += 1;
-                stats.ties_kept += pair.tie as u64;
-                stats.margin_histogram.add(pair.margin);
                 let (c, j) = (start + pair.chosen, start + pair.rejected);
                 let text = |k: usize| Content::Text(Cow::Borrowed(r.texts.value(k)));
                 push_hex16(&mut pair_ids, pair_hash(prompt_id, &text(c), &text(j)));

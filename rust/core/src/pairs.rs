@@ -142,6 +142,17 @@ pub(crate) fn order_by_preference(
     order
 }
 
+/// Count one prompt's pairs, once made, in the run's stats (pairs, ties, margins, rows).
+pub(crate) fn count_pairs(stats: &mut Stats, pairs: &[Pair]) {
+    stats.prompts_with_pairs += !pairs.is_empty() as u64;
+    for p in pairs {
+        stats.pairs_made += 1;
+        stats.ties_kept += p.tie as u64;
+        stats.margin_histogram.add(p.margin);
+    }
+    stats.rows_written += pairs.len() as u64;
+}
+
 /// Make the pairs of one prompt. Counts drops in `stats`.
 ///
 /// Responses are ordered by preference (score, else −rank), highest first, ties kept in input

@@ -14,17 +14,17 @@ use crossbeam_channel::{bounded, RecvTimeoutError};
 use crate::arrow_groups::GroupReader;
 use crate::arrow_in::{self, Col};
 use crate::arrow_out::rows_to_batch;
+use crate::columnar;
 use crate::error::{Loc, PrepError, Problem, RecordError, Result};
 use crate::formats::{normalise, Format, ReadOptions};
 use crate::io::{read_file, BufferPool, Chunk, ChunkIter, Encoding, Output, Sink};
-use crate::columnar;
 use crate::list_output::{write_list_jsonl, ListBatchBuilder, ListColumns, ListSizes};
 use crate::lists::{check_labels, make_list, ListOptions};
 use crate::model::Group;
 use crate::output::{
     grouped_row, unpaired_rows, write_pairs_jsonl, OutputKind, PairBatchBuilder, PairColumns, PairSizes, TYPE_HINTS,
 };
-use crate::pairs::{make_pairs, PairOptions};
+use crate::pairs::{count_pairs, make_pairs, PairOptions};
 use crate::stats::Stats;
 use crate::value::Value;
 
@@ -182,15 +182,7 @@ fn emit<'a>(g: &Group<'a>, ctx: &Ctx, stats: &mut Stats, rows: &mut Rows<'a>) {
     match ctx.kind {
         OutputKind::Pairs => {
             let pairs = make_pairs(g, &ctx.pairs, stats);
-            if !pairs.is_empty() {
-                stats.prompts_with_pairs += 1;
-            }
-            for p in &pairs {
-                stats.pairs_made += 1;
-                stats.ties_kept += p.tie as u64;
-                stats.margin_histogram.add(p.margin);
-            }
-            stats.rows_written += pairs.len() as u64;
+            count_pairs(stats, &pairs);
             match rows {
                 Rows::Values(_) | Rows::Lists(_) => unreachable!("Arrow pair output goes through PairBatchBuilder"),
                 Rows::Pairs(b) => b.append(g, &pairs),
