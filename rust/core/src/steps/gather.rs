@@ -19,19 +19,53 @@ use arrow_array::types::{
     BinaryType, ByteArrayType, Float32Type, Float64Type, Int32Type, Int64Type, LargeBinaryType, LargeUtf8Type, Utf8Type,
 };
 use arrow_array::{Array, ArrayRef, ArrowPrimitiveType, BooleanArray, GenericByteArray, PrimitiveArray};
-use arrow_buffer::{ArrowNativeType, BooleanBufferBuilder, NullBuffer, OffsetBuffer, ScalarBuffer};
+use arrow_buffer::{ArrowNativeType, BooleanBuffer, BooleanBufferBuilder, Buffer, NullBuffer, OffsetBuffer, ScalarBuffer};
 use arrow_schema::{ArrowError, DataType};
 
 /// How many rows ahead the copy loop asks for a value's bytes. Far enough to cover a memory
 /// access at this loop's pace, near enough that the line is still cached when reached.
 const PREFETCH_ROWS: usize = 16;
 
-/// Values up to this many bytes are copied as one fixed-size block.
+/// Values up to this many bytes are copied as two fixed-size blocks (see `copy_block`).
 const SHORT_COPY: usize = 128;
+
+/// Copy `n` bytes, `B <= n <= 2 * B`, as two `B`-byte blocks: one from the start and one
+/// ending at the end (they overlap when n < 2B).
+///
+/// # Safety
+/// `src` must be valid for reading and `dst` for writing `n` bytes, and the two must not overlap.
+#[inline(always)]
+unsafe fn copy_block<const B: usize>(src: *const u8, dst: *mut u8, n: usize) {
+    debug_assert!(B <= n && n <= 2 * B);
+    std::ptr::copy_nonoverlapping(src, dst, B);
+    std::ptr::copy_nonoverlapping(src.add(n - B), dst.add(n - B), B);
+}
 
 /// `interleave(arrays, indices)`: row `i` of the result is row `indices[i].1` of
 /// `arrays[indices[i].0]`. All arrays must share one data type.
 pub fn gather(arrays: &[&dyn Array], indices: &[(usize, usize)]) -> Result<ArrayRef, ArrowError> {
+    check_indices(arrays, indices)?;
+    gather_checked(arrays, indices)
+}
+
+/// [`gather`] of the same rows from each column of a table: `columns[c][a]` is column `c` of
+/// batch `a`. The indices are checked once when every column has the same lengths.
+pub fn gather_columns(columns: &[Vec<&dyn Array>], indices: &[(usize, usize)]) -> Result<Vec<ArrayRef>, ArrowError> {
+    let Some(first) = columns.first() else {
+        return Ok(Vec::new());
+    };
+    let same_lengths = columns
+        .iter()
+        .all(|c| c.len() == first.len() && c.iter().zip(first).all(|(a, b)| a.len() == b.len()));
+    if !same_lengths {
+        return columns.iter().map(|arrays| gather(arrays, indices)).collect();
+    }
+    check_indices(first, indices)?;
+    columns.iter().map(|arrays| gather_checked(arrays, indices)).collect()
+}
+
+/// [`gather`] with indices already checked against the arrays' lengths.
+fn gather_checked(arrays: &[&dyn Array], indices: &[(usize, usize)]) -> Result<ArrayRef, ArrowError> {
     let Some(first) = arrays.first() else {
         return Err(ArrowError::InvalidArgumentError("gather needs at least one array".into()));
     };
@@ -122,7 +156,7 @@ fn zip_bytes<T: ByteArrayType>(mask: &BooleanArray, truthy: &dyn Array, falsy: &
 }
 
 #[inline(always)]
-fn prefetch(ptr: *const u8) {
+pub(crate) fn prefetch(ptr: *const u8) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch is a hint; it never faults, whatever the address.
     unsafe {
@@ -166,7 +200,6 @@ fn gather_nulls(arrays: &[&dyn Array], indices: &[(usize, usize)]) -> Option<Nul
 }
 
 fn gather_primitive<T: ArrowPrimitiveType>(arrays: &[&dyn Array], indices: &[(usize, usize)]) -> Result<ArrayRef, ArrowError> {
-    check_indices(arrays, indices)?;
     let values: Vec<&[T::Native]> = arrays.iter().map(|a| a.as_primitive::<T>().values().as_ref()).collect();
     let mut out: Vec<T::Native> = Vec::with_capacity(indices.len());
     for (i, &(a, b)) in indices.iter().enumerate() {
@@ -181,24 +214,34 @@ fn gather_primitive<T: ArrowPrimitiveType>(arrays: &[&dyn Array], indices: &[(us
 }
 
 fn gather_boolean(arrays: &[&dyn Array], indices: &[(usize, usize)]) -> Result<ArrayRef, ArrowError> {
-    check_indices(arrays, indices)?;
-    let values: Vec<&BooleanArray> = arrays.iter().map(|a| a.as_boolean()).collect();
-    let mut out = BooleanBufferBuilder::new(indices.len());
-    for &(a, b) in indices {
-        out.append(values[a].value(b));
+    // Each source's packed bits and its bit offset; the result is built 64 bits at a time.
+    let sources: Vec<(&[u8], usize)> = arrays
+        .iter()
+        .map(|a| {
+            let bits = a.as_boolean().values();
+            (bits.values(), bits.offset())
+        })
+        .collect();
+    let mut words: Vec<u64> = Vec::with_capacity(indices.len().div_ceil(64));
+    for chunk in indices.chunks(64) {
+        let mut word = 0u64;
+        for (k, &(a, b)) in chunk.iter().enumerate() {
+            let (bytes, offset) = sources[a];
+            let i = offset + b;
+            word |= u64::from((bytes[i / 8] >> (i % 8)) & 1) << k;
+        }
+        words.push(word);
     }
-    Ok(Arc::new(BooleanArray::new(out.finish(), gather_nulls(arrays, indices))))
+    let values = BooleanBuffer::new(Buffer::from_vec(words), 0, indices.len());
+    Ok(Arc::new(BooleanArray::new(values, gather_nulls(arrays, indices))))
 }
 
 fn gather_bytes<T: ByteArrayType>(arrays: &[&dyn Array], indices: &[(usize, usize)]) -> Result<ArrayRef, ArrowError> {
-    check_indices(arrays, indices)?;
     let nulls = gather_nulls(arrays, indices);
     let arrays: Vec<&GenericByteArray<T>> = arrays.iter().map(|a| a.as_bytes::<T>()).collect();
 
-    // Pass 1: where each value lies, and the output offsets. Each source is a window of the
-    // value's buffer that starts at the value and holds it, and up to SHORT_COPY bytes when
-    // the buffer has them, so that a short value can be copied as a fixed-size block.
-    let mut sources: Vec<(&[u8], usize)> = Vec::with_capacity(indices.len());
+    // Pass 1: where each value lies, and the output offsets.
+    let mut sources: Vec<&[u8]> = Vec::with_capacity(indices.len());
     let mut offsets: Vec<T::Offset> = Vec::with_capacity(indices.len() + 1);
     let mut length = 0usize;
     offsets.push(T::Offset::default());
@@ -208,38 +251,41 @@ fn gather_bytes<T: ByteArrayType>(arrays: &[&dyn Array], indices: &[(usize, usiz
         }
         let array = arrays[a];
         let (o, data) = (array.value_offsets(), array.value_data());
-        let (start, end) = (o[b].as_usize(), o[b + 1].as_usize());
-        sources.push((&data[start..end.max((start + SHORT_COPY).min(data.len()))], end - start));
-        length += end - start;
+        let value = &data[o[b].as_usize()..o[b + 1].as_usize()];
+        sources.push(value);
+        length += value.len();
         offsets.push(T::Offset::from_usize(length).ok_or_else(|| ArrowError::OffsetOverflowError(length))?);
     }
 
-    // Pass 2: the bytes, prefetching ahead. A short value is copied as a 16, 32, 64 or 128-byte
-    // block (a few vector moves instead of a memcpy call); the block's tail lands in space
-    // that the next values overwrite, or in the SHORT_COPY bytes of slack at the end.
-    let mut values: Vec<u8> = Vec::with_capacity(length + SHORT_COPY);
+    // Pass 2: the bytes, prefetching the first and last line of a value a few rows ahead
+    // (a 60-200 byte text spans two or three lines, and a miss on the second would not
+    // overlap). A value of up to 128 bytes is copied as two blocks of the largest size it
+    // holds, one from its start and one ending at its end, overlapping in the middle: a few
+    // vector moves instead of a memcpy call, reading and writing only the value's own bytes.
+    let mut values: Vec<u8> = Vec::with_capacity(length);
     let out = values.as_mut_ptr();
     let mut pos = 0usize;
-    for (i, &(window, len)) in sources.iter().enumerate() {
-        if let Some((next, _)) = sources.get(i + PREFETCH_ROWS) {
+    for (i, value) in sources.iter().enumerate() {
+        if let Some(next) = sources.get(i + PREFETCH_ROWS) {
             prefetch(next.as_ptr());
+            prefetch(next.as_ptr().wrapping_add(next.len().saturating_sub(1)));
         }
-        let (n, w) = (len, window.len());
-        // SAFETY: `window` is a slice, so its first `w` bytes may be read; every copy below
-        // reads at most `w` of them. It writes at most max(n, SHORT_COPY) bytes from `pos`,
-        // and pos + n <= length, so within the capacity of length + SHORT_COPY.
+        let n = value.len();
+        // SAFETY: every copy below reads within `value` (n bytes) and writes within
+        // out[pos..pos + n], which lies within the capacity `length` since the values' lengths
+        // sum to it.
         unsafe {
-            let (src, dst) = (window.as_ptr(), out.add(pos));
-            if n <= 16 && w >= 16 {
-                std::ptr::copy_nonoverlapping(src, dst, 16);
-            } else if n <= 32 && w >= 32 {
-                std::ptr::copy_nonoverlapping(src, dst, 32);
-            } else if n <= 64 && w >= 64 {
-                std::ptr::copy_nonoverlapping(src, dst, 64);
-            } else if n <= SHORT_COPY && w >= SHORT_COPY {
-                std::ptr::copy_nonoverlapping(src, dst, SHORT_COPY);
-            } else {
-                std::ptr::copy_nonoverlapping(src, dst, n);
+            let (src, dst) = (value.as_ptr(), out.add(pos));
+            match n {
+                0 => {}
+                1 => *dst = *src,
+                2..=3 => copy_block::<2>(src, dst, n),
+                4..=7 => copy_block::<4>(src, dst, n),
+                8..=15 => copy_block::<8>(src, dst, n),
+                16..=31 => copy_block::<16>(src, dst, n),
+                32..=63 => copy_block::<32>(src, dst, n),
+                64..=SHORT_COPY => copy_block::<64>(src, dst, n),
+                _ => std::ptr::copy_nonoverlapping(src, dst, n),
             }
         }
         pos += n;
@@ -365,6 +411,52 @@ mod tests {
                 prop_assert_eq!(zip(&mask, &lt, &lf).unwrap().to_data(), arrow_select::zip::zip(&mask, &lt, &lf).unwrap().to_data());
             }
         }
+    }
+
+    proptest! {
+        #[test]
+        fn booleans_from_sliced_arrays_and_whole_tables(
+            parts in proptest::collection::vec(
+                proptest::collection::vec(proptest::option::weighted(0.9, any::<bool>()), 1..150), 1..4),
+            picks in proptest::collection::vec((0usize..1000, 0usize..1000), 0..300),
+            slice_from in 0usize..9,
+        ) {
+            // Bit offsets that are not a multiple of 8, and results past one 64-bit word.
+            let flags: Vec<BooleanArray> = parts
+                .iter()
+                .map(|p| { let a = BooleanArray::from(p.clone()); let from = slice_from.min(a.len() - 1); a.slice(from, a.len() - from) })
+                .collect();
+            let indices: Vec<(usize, usize)> =
+                picks.iter().map(|&(a, b)| (a % flags.len(), b % flags[a % flags.len()].len())).collect();
+            let flag_refs: Vec<&dyn Array> = flags.iter().map(|a| a as &dyn Array).collect();
+            check(&flag_refs, &indices);
+
+            // gather_columns: a table's columns (same lengths per batch) give what gather gives
+            // column by column.
+            let texts: Vec<StringArray> = flags.iter().map(|a| a.iter().map(|v| v.map(|x| if x { "yes, true" } else { "n" })).collect()).collect();
+            let text_refs: Vec<&dyn Array> = texts.iter().map(|a| a as &dyn Array).collect();
+            let columns = vec![flag_refs.clone(), text_refs.clone()];
+            let got = gather_columns(&columns, &indices).unwrap();
+            prop_assert_eq!(got.len(), 2);
+            prop_assert_eq!(got[0].to_data(), gather(&flag_refs, &indices).unwrap().to_data());
+            prop_assert_eq!(got[1].to_data(), gather(&text_refs, &indices).unwrap().to_data());
+        }
+    }
+
+    #[test]
+    fn gather_columns_checks_indices_and_unequal_lengths() {
+        let (a, b) = (Int64Array::from(vec![1, 2, 3]), StringArray::from(vec!["x", "y", "z"]));
+        let columns: Vec<Vec<&dyn Array>> = vec![vec![&a], vec![&b]];
+        let e = gather_columns(&columns, &[(0, 3)]).unwrap_err();
+        assert!(e.to_string().contains("row 3 is out of range of array 0's 3 rows"), "{e}");
+        assert!(gather_columns(&columns, &[(1, 0)]).is_err());
+        // Columns of unequal lengths are each checked against their own.
+        let short = StringArray::from(vec!["x"]);
+        let columns: Vec<Vec<&dyn Array>> = vec![vec![&a], vec![&short]];
+        assert!(gather_columns(&columns, &[(0, 2)]).is_err());
+        let got = gather_columns(&columns, &[(0, 0)]).unwrap();
+        assert_eq!(got[1].to_data(), StringArray::from(vec!["x"]).to_data());
+        assert!(gather_columns(&[], &[(0, 0)]).unwrap().is_empty());
     }
 
     #[test]
