@@ -186,8 +186,8 @@ def test_split_fifa_equals_single_process(data, keep_count, keep_fraction, by_fr
 
 
 # ------------------------------------------------------------------------------------------
-# fork safety: no thread pool survives a call (only the idle hand-back of freed memory, see
-# test_package), so forked children run the steps as the parent
+# fork safety: worker threads are kept between calls (prefops_core::threads), but a forked
+# child has none of them and starts its own set; the parent has run steps on its workers first
 # ------------------------------------------------------------------------------------------
 
 def _run_in_child(args):

@@ -13,6 +13,9 @@
 //! thread does in the allocator (setting up its heap, handing memory back) holds `IN_ALLOCATOR`,
 //! which a pthread_atfork handler takes around `fork`. The thread never exits, because its
 //! teardown would be allocator work outside that lock.
+//!
+//! The workers of `prefops_core::threads` are kept between calls, each with its own heap that
+//! only it can hand back, so the thread also has every idle worker collect, under the same lock.
 
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Once, OnceLock};
@@ -102,10 +105,18 @@ fn hand_back_when_idle() {
         }
         // Another call may end meanwhile: then its end time stays, and is handled next round.
         if ENDED_MS.compare_exchange(ended, 0, SeqCst, SeqCst).is_ok() {
-            // SAFETY: mi_collect may be called from any thread at any time.
-            with_fork_guard(|| unsafe { libmimalloc_sys::mi_collect(true) });
+            // The kept worker threads first: what a call's workers allocated went back into
+            // their own heaps, which only they can hand back.
+            prefops_core::threads::on_idle_threads(collect);
+            collect();
         }
     }
+}
+
+/// Hand the calling thread's freed memory back to the OS.
+fn collect() {
+    // SAFETY: mi_collect may be called from any thread at any time.
+    with_fork_guard(|| unsafe { libmimalloc_sys::mi_collect(true) });
 }
 
 fn with_fork_guard(work: impl FnOnce()) {

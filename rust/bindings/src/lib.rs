@@ -93,7 +93,7 @@ fn run_detached<T: Send>(py: Python<'_>, work: impl FnOnce() -> Result<T, PrepEr
     let flag = Arc::new(AtomicBool::new(false));
     let _running = give_back::call();
     let outcome = py.detach(|| {
-        std::thread::scope(|s| {
+        prefops_core::threads::scope(|s| {
             let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
             let worker_flag = flag.clone();
             let handle = s.spawn(move || {
@@ -120,7 +120,7 @@ fn run_detached<T: Send>(py: Python<'_>, work: impl FnOnce() -> Result<T, PrepEr
 #[pyfunction]
 fn _panic_for_tests(py: Python<'_>) -> PyResult<()> {
     run_detached(py, || {
-        std::thread::scope(|s| {
+        prefops_core::threads::scope(|s| {
             s.spawn(|| panic!("deliberate test panic"));
         });
         Ok(())

@@ -20,6 +20,7 @@ pub mod pipeline;
 pub mod rng;
 pub mod stats;
 pub mod steps;
+pub mod threads;
 pub mod value;
 
 pub use error::{Loc, PrepError, Problem, RecordError};

@@ -396,7 +396,7 @@ fn run_chunks(
     mut on_result: impl FnMut(ChunkOut) -> Result<()>,
 ) -> Result<()> {
     let cancel = AtomicBool::new(false);
-    std::thread::scope(|s| {
+    crate::threads::scope(|s| {
         let (chunk_tx, chunk_rx) = bounded::<(u64, Chunk)>(threads * 2);
         let (out_tx, out_rx) = bounded::<(u64, Result<ChunkOut>)>(threads * 2);
         {

@@ -440,7 +440,7 @@ pub(crate) fn for_each_index(n: usize, threads: usize, work: impl Fn(usize) + Sy
         return;
     }
     let next = AtomicUsize::new(0);
-    std::thread::scope(|s| {
+    crate::threads::scope(|s| {
         for _ in 0..threads.min(n) {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);

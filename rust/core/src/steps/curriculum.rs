@@ -384,7 +384,7 @@ fn sort_parallel<T: Copy + Send + Sync>(v: &mut Vec<T>, threads: usize, cmp: &(i
         return;
     }
     let size = v.len().div_ceil(parts);
-    std::thread::scope(|s| {
+    crate::threads::scope(|s| {
         for part in v.chunks_mut(size) {
             s.spawn(move || part.sort_unstable_by(cmp));
         }
@@ -394,7 +394,7 @@ fn sort_parallel<T: Copy + Send + Sync>(v: &mut Vec<T>, threads: usize, cmp: &(i
     let mut src = std::mem::take(v);
     let mut dst = src.clone();
     while bounds.len() > 2 {
-        std::thread::scope(|s| {
+        crate::threads::scope(|s| {
             let mut rest: &mut [T] = &mut dst;
             for w in bounds.chunks(2).zip(bounds[1..].chunks(2)) {
                 let (lo, mid, hi) = match w {

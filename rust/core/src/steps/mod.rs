@@ -64,7 +64,7 @@ pub(crate) fn par_map<T: Sync, R: Send>(
     let next = AtomicUsize::new(0);
     let first_failure = AtomicUsize::new(usize::MAX);
     let slots: Vec<Mutex<Option<Result<R>>>> = (0..n).map(|_| Mutex::new(None)).collect();
-    std::thread::scope(|s| {
+    crate::threads::scope(|s| {
         for _ in 0..threads.min(n) {
             let flag = flag.clone();
             let (next, first_failure, slots, f) = (&next, &first_failure, &slots, &f);
