@@ -5,10 +5,10 @@
 //!
 //! Why: a thread's allocator heap lives as long as the thread. With new threads for every
 //! call, what a call's threads allocated was freed into the heaps of threads that had exited,
-//! and the next call's new threads took fresh pages from the OS, which the kernel zeroes (and
-//! compacts, for huge pages). A 1M-pair reward augmentation on 2 threads faulted in 15-40
-//! huge pages per call in steady state and took 0.16-0.17 s; on threads kept between calls,
-//! 0.064-0.076 s.
+//! and the next call's new threads took fresh pages from the OS, which the kernel zeroes (on
+//! the 2-core VM of the benchmarks, 2-5 ms per 2 MiB huge page, the host's faults included). A
+//! 1M-pair reward augmentation on 2 threads faulted in 13-41 huge pages per call in steady
+//! state and took 0.155-0.159 s; on threads kept between calls, 0.064-0.070 s.
 //!
 //! Forks: the threads are not copied into a child, so the set of idle threads belongs to the
 //! process that made it (its pid), and a child starts a set of its own without touching its
@@ -18,9 +18,11 @@ use std::any::Any;
 use std::marker::PhantomData;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicPtr, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 
-type Job = Box<dyn FnOnce() + Send + 'static>;
+/// A spawned closure, boxed for a worker; it tells the worker which scope to report to once
+/// it is back among the idle.
+type Job = Box<dyn FnOnce() -> Arc<ScopeState> + Send + 'static>;
 type Panic = Box<dyn Any + Send + 'static>;
 
 /// A lock whose data stays valid if a holder panicked (nothing here panics while holding one,
@@ -29,33 +31,45 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// One kept thread: the closure it is to run next.
+/// What a kept thread is to do next: a closure, and a request to tidy its own state (see
+/// [`on_idle_threads`]), which it takes while staying among the idle.
+#[derive(Default)]
+struct Orders {
+    job: Option<Job>,
+    tidy: Option<fn()>,
+}
+
 struct Worker {
-    next: Mutex<Option<Job>>,
+    orders: Mutex<Orders>,
     wake: Condvar,
 }
 
-/// The threads of one process, waiting for work.
+/// The threads of one process, waiting for work, and the tidying requests still running.
 struct Pool {
     pid: u32,
     idle: Mutex<Vec<Arc<Worker>>>,
+    tidying: Mutex<usize>,
+    tidied: Condvar,
 }
 
 static POOL: AtomicPtr<Pool> = AtomicPtr::new(std::ptr::null_mut());
 
-/// This process's pool (a forked child makes its own: see the module docs). Pools are leaked:
-/// a process has one, or one per fork generation.
+/// This process's pool, made on first use (a forked child makes its own: see the module docs).
+/// Pools are leaked: a process has one, or one per fork generation.
 fn pool() -> &'static Pool {
+    forget_pool_in_forked_children();
     let pid = std::process::id();
     loop {
         let current = POOL.load(Ordering::Acquire);
-        // SAFETY: POOL only ever holds null or a leaked, never freed Box<Pool>.
-        if let Some(p) = unsafe { current.as_ref() } {
-            if p.pid == pid {
-                return p;
-            }
+        if let Some(p) = existing(current, pid) {
+            return p;
         }
-        let fresh = Box::into_raw(Box::new(Pool { pid, idle: Mutex::new(Vec::new()) }));
+        let fresh = Box::into_raw(Box::new(Pool {
+            pid,
+            idle: Mutex::new(Vec::new()),
+            tidying: Mutex::new(0),
+            tidied: Condvar::new(),
+        }));
         if POOL.compare_exchange(current, fresh, Ordering::AcqRel, Ordering::Acquire).is_err() {
             // Another thread installed one first: use that.
             // SAFETY: `fresh` was never shared.
@@ -64,63 +78,100 @@ fn pool() -> &'static Pool {
     }
 }
 
+/// The pool at `ptr` if this process made it.
+fn existing(ptr: *mut Pool, pid: u32) -> Option<&'static Pool> {
+    // SAFETY: POOL only ever holds null or a leaked, never freed Box<Pool>.
+    unsafe { ptr.as_ref() }.filter(|p| p.pid == pid)
+}
+
+/// A child forgets its parent's pool as it starts. The pid check alone would take the pool of
+/// a process whose pid the child was given after that process exited (a grandchild can be).
+fn forget_pool_in_forked_children() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        extern "C" fn in_child() {
+            POOL.store(std::ptr::null_mut(), Ordering::Release);
+        }
+        // SAFETY: registers a plain function that only stores to an atomic.
+        unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
+    });
+}
+
 impl Pool {
     /// Run `job` on an idle thread, or on a new one when none is idle.
     fn run(&'static self, job: Job) -> std::io::Result<()> {
         let idle = lock(&self.idle).pop();
         match idle {
             Some(worker) => {
-                *lock(&worker.next) = Some(job);
+                lock(&worker.orders).job = Some(job);
                 worker.wake.notify_one();
             }
             None => {
-                let worker = Arc::new(Worker { next: Mutex::new(Some(job)), wake: Condvar::new() });
+                let orders = Orders { job: Some(job), tidy: None };
+                let worker = Arc::new(Worker { orders: Mutex::new(orders), wake: Condvar::new() });
                 std::thread::Builder::new().name("prefops-worker".into()).spawn(move || self.serve(worker))?;
             }
         }
         Ok(())
     }
 
-    /// A worker's life: run its closure, then wait among the idle for the next. Workers never
-    /// exit: a thread's teardown is allocator work, which a fork from another thread at that
-    /// moment could leave half done in the child (see the bindings' give_back). A process
-    /// keeps as many as it has ever had closures running at once, parked.
+    /// A worker's life: run its closure, go back among the idle, then tell the closure's scope
+    /// (so that a scope started next finds this thread idle), and wait. Workers never exit: a
+    /// thread's teardown is allocator work, which a fork from another thread at that moment
+    /// could leave half done in the child (see the bindings' give_back). A process keeps as
+    /// many as it has ever had closures running at once, parked.
     fn serve(&'static self, me: Arc<Worker>) {
         loop {
-            let job = {
-                let mut next = lock(&me.next);
-                loop {
-                    if let Some(job) = next.take() {
-                        break job;
-                    }
-                    next = me.wake.wait(next).unwrap_or_else(|e| e.into_inner());
+            let (job, tidy) = {
+                let mut orders = lock(&me.orders);
+                while orders.job.is_none() && orders.tidy.is_none() {
+                    orders = me.wake.wait(orders).unwrap_or_else(|e| e.into_inner());
+                }
+                // Tidy first: a closure that came meanwhile waits for it.
+                match orders.tidy.take() {
+                    Some(tidy) => (None, Some(tidy)),
+                    None => (orders.job.take(), None),
                 }
             };
-            job();
-            lock(&self.idle).push(me.clone());
+            if let Some(tidy) = tidy {
+                let _ = catch_unwind(tidy);
+                let mut tidying = lock(&self.tidying);
+                *tidying -= 1;
+                if *tidying == 0 {
+                    self.tidied.notify_all();
+                }
+            }
+            if let Some(job) = job {
+                let scope = job();
+                lock(&self.idle).push(me.clone());
+                scope.finish_one();
+            }
         }
     }
 }
 
 /// Run `work` once on every kept thread that is idle now, and return when all have: for
 /// state that each thread holds for itself, such as its allocator heap's cache of freed memory.
+/// The threads stay available meanwhile (a closure given to one runs once it has tidied), and
+/// this allocates nothing, so it may run where allocating is unwelcome (a process that forks).
 pub fn on_idle_threads(work: fn()) {
-    let pool = pool();
-    let workers = std::mem::take(&mut *lock(&pool.idle));
-    let state = Arc::new(ScopeState::default());
-    *lock(&state.running) = workers.len();
-    for worker in workers {
-        let state = state.clone();
-        // Each goes back among the idle after this, as after any closure.
-        *lock(&worker.next) = Some(Box::new(move || {
-            let _ = catch_unwind(work);
-            state.finish_one();
-        }));
-        worker.wake.notify_one();
+    let Some(pool) = existing(POOL.load(Ordering::Acquire), std::process::id()) else {
+        return; // no threads in this process yet
+    };
+    {
+        let idle = lock(&pool.idle);
+        for worker in idle.iter() {
+            let mut orders = lock(&worker.orders);
+            if orders.tidy.is_none() {
+                orders.tidy = Some(work);
+                *lock(&pool.tidying) += 1;
+                worker.wake.notify_one();
+            }
+        }
     }
-    let mut running = lock(&state.running);
-    while *running > 0 {
-        running = state.all_done.wait(running).unwrap_or_else(|e| e.into_inner());
+    let mut tidying = lock(&pool.tidying);
+    while *tidying > 0 {
+        tidying = pool.tidied.wait(tidying).unwrap_or_else(|e| e.into_inner());
     }
 }
 
@@ -158,9 +209,19 @@ struct Packet<T> {
 
 impl<T> Drop for Packet<T> {
     fn drop(&mut self) {
-        // A panic nobody joined for makes the scope panic, as std's does.
-        if let Some(Err(payload)) = self.result.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
-            lock(&self.scope.panic).get_or_insert(payload);
+        let result = self.result.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        let scope = &self.scope;
+        // A panic nobody joined for makes the scope panic, as std's does. A value or payload
+        // whose drop panics aborts, as in std: unwinding here would skip telling the scope.
+        let dropped = catch_unwind(AssertUnwindSafe(move || match result {
+            Some(Err(payload)) => {
+                lock(&scope.panic).get_or_insert(payload);
+            }
+            other => drop(other),
+        }));
+        if dropped.is_err() {
+            eprintln!("prefops: a worker thread's result panicked on drop; aborting");
+            std::process::abort();
         }
     }
 }
@@ -201,13 +262,13 @@ impl<'env> Scope<'env> {
             // Our reference goes before the scope is told: if it was the last (no handle), the
             // value or panic is dropped or recorded while what it borrows is still alive.
             drop(ours);
-            state.finish_one();
+            state
         };
-        let job: Box<dyn FnOnce() + Send + 'env> = Box::new(job);
+        let job: Box<dyn FnOnce() -> Arc<ScopeState> + Send + 'env> = Box::new(job);
         // SAFETY: `scope` does not return (nor unwind) before every job it spawned has run to
         // the end, including the drops of everything the job holds that may borrow from 'env
         // (see above), so nothing it borrows dies while it runs.
-        let job: Job = unsafe { std::mem::transmute::<Box<dyn FnOnce() + Send + 'env>, Job>(job) };
+        let job: Job = unsafe { std::mem::transmute::<Box<dyn FnOnce() -> Arc<ScopeState> + Send + 'env>, Job>(job) };
         if let Err(e) = pool().run(job) {
             // The job was dropped unrun: it no longer counts.
             self.state.finish_one();
@@ -315,6 +376,38 @@ mod tests {
         });
         assert!(tidied.iter().any(|&t| t > 0), "{tidied:?}");
         on_idle_threads(tidy); // and again, with nothing left over from the first
+    }
+
+    #[test]
+    fn a_forked_child_runs_scopes_on_threads_of_its_own() {
+        // The parent has kept threads (idle now); the child has none of them, and a scope there
+        // must start its own instead of handing closures to threads that do not exist. A
+        // grandchild too. A hang is killed by the alarm and fails the test.
+        assert_eq!(scope(|s| s.spawn(|| 1).join().unwrap()), 1);
+        fn in_child() -> i32 {
+            // SAFETY: sets a timer in this (single-threaded) child.
+            unsafe { libc::alarm(20) };
+            let sums: Vec<u64> =
+                scope(|s| (0..3u64).map(|i| s.spawn(move || i * 2)).collect::<Vec<_>>().into_iter().map(|h| h.join().unwrap()).collect());
+            (sums == [0, 2, 4]) as i32
+        }
+        fn fork_and_wait(child: fn() -> i32) -> i32 {
+            // SAFETY: the child only runs `child` and exits without unwinding.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0, "fork failed");
+            if pid == 0 {
+                unsafe { libc::_exit(if child() == 1 { 0 } else { 1 }) };
+            }
+            let mut status = 0;
+            // SAFETY: waits for the child just made.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            status
+        }
+        assert_eq!(fork_and_wait(in_child), 0);
+        fn child_that_forks() -> i32 {
+            (in_child() == 1 && fork_and_wait(in_child) == 0) as i32
+        }
+        assert_eq!(fork_and_wait(child_that_forks), 0);
     }
 
     #[test]

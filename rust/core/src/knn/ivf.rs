@@ -10,7 +10,7 @@
 
 use std::sync::Mutex;
 
-use super::{dot_tile, for_each_index, BlockLists, Cand, Matrix, Metric, Norms, SearchInfo, Shortlists, BLOCK};
+use super::{dot_tile, for_each_index, BlockLists, Cand, Matrix, Metric, Norms, Scratch, SearchInfo, Shortlists, BLOCK};
 use crate::rng::SplitMix64;
 
 const SAMPLE_PER_LIST: usize = 32;
@@ -52,16 +52,12 @@ pub(super) fn shortlists(
     }
     let lists = BlockLists::new(n, cap);
     let data: &[f32] = &m.data;
-    thread_local! {
-        static BUFS: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
-            const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
-    }
+    let scratch: Scratch<(Vec<f32>, Vec<f32>, Vec<f32>)> = Scratch::default();
     for_each_index(tasks.len(), threads, |t| {
         let (l, qc, mc) = tasks[t];
         let qs = &queries[l][qc..(qc + BLOCK).min(queries[l].len())];
         let ms = &members[l][mc..(mc + BLOCK).min(members[l].len())];
-        BUFS.with(|cell| {
-            let (qbuf, mbuf, tile) = &mut *cell.borrow_mut();
+        scratch.with(|(qbuf, mbuf, tile)| {
             gather(data, dim, qs, qbuf);
             gather(data, dim, ms, mbuf);
             tile.resize(qs.len() * ms.len(), 0.0);

@@ -433,6 +433,21 @@ pub(crate) fn dot_tile(x: &[f32], dim: usize, a0: usize, a: usize, y: &[f32], b0
     }
 }
 
+/// Scratch buffers of one call: a task takes one (or a new one) and gives it back, so a call
+/// makes at most one per thread and frees them all as it ends. (Thread-locals would stay with
+/// the worker threads, which are kept for the life of the process.)
+#[derive(Default)]
+pub(crate) struct Scratch<T>(Mutex<Vec<T>>);
+
+impl<T: Default> Scratch<T> {
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        let mut buffer = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
+        let r = f(&mut buffer);
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(buffer);
+        r
+    }
+}
+
 /// Run `work(i)` for i in 0..n on `threads` threads (dynamic scheduling).
 pub(crate) fn for_each_index(n: usize, threads: usize, work: impl Fn(usize) + Sync) {
     if threads <= 1 || n <= 1 {
@@ -526,17 +541,14 @@ fn exact_shortlists(m: &Matrix, norms: &Norms, cap: usize, threads: usize) -> Bl
     let tiles = tile_schedule(n.div_ceil(BLOCK));
     let data: &[f32] = &m.data;
     let (sq, inv) = (&norms.sq[..], &norms.inv[..]);
-    thread_local! {
-        static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
+    let scratch: Scratch<Vec<f32>> = Scratch::default();
     for_each_index(tiles.len(), threads, |t| {
         let (bi, bj) = tiles[t];
         let (i0, j0) = (bi * BLOCK, bj * BLOCK);
         let (ni, nj) = (BLOCK.min(n - i0), BLOCK.min(n - j0));
-        TILE.with(|cell| {
-            let mut tile = cell.borrow_mut();
+        scratch.with(|tile| {
             tile.resize(BLOCK * BLOCK, 0.0);
-            dot_tile(data, m.dim, i0, ni, data, j0, nj, &mut tile);
+            dot_tile(data, m.dim, i0, ni, data, j0, nj, tile);
             {
                 let mut rows = lists.blocks[bi].lock().expect("no thread panics holding a shortlist");
                 for a in 0..ni {
